@@ -1,0 +1,182 @@
+//! Verification keys: an HS256 secret, a PEM public key (RS256, ES256 or EdDSA) and the keys of a JWKS
+//! file, each pinned to one algorithm so a token can never choose how it is checked (no `none`, no HS256
+//! signed with a public key).
+
+use std::path::{Path, PathBuf};
+
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet, KeyAlgorithm};
+use jsonwebtoken::{Algorithm, DecodingKey};
+
+use super::AuthError;
+use crate::config::{JwtConfig, DEV_JWT_SECRET};
+
+/// A key source that could not be loaded. Start-up fails with this message.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// A key file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The PEM file holds no RSA, EC P-256 or Ed25519 public key.
+    #[error("{0}: not an RSA, EC (P-256) or Ed25519 public key in PEM format")]
+    Pem(PathBuf),
+    /// The JWKS file is not a valid key set.
+    #[error("{path}: invalid JWKS: {reason}")]
+    Jwks {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// An empty HS256 secret.
+    #[error("the JWT secret is empty")]
+    EmptySecret,
+}
+
+/// One key, pinned to the algorithm it verifies.
+struct Key {
+    kid: Option<String>,
+    alg: Algorithm,
+    key: DecodingKey,
+}
+
+/// All configured keys.
+pub(super) struct KeySet {
+    keys: Vec<Key>,
+}
+
+impl std::fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.keys.iter().map(|k| (k.kid.as_deref(), k.alg)))
+            .finish()
+    }
+}
+
+impl KeySet {
+    pub(super) fn load(config: &JwtConfig) -> Result<Self, KeyError> {
+        let mut keys = Vec::new();
+        let secret = match (&config.jwt_secret, &config.jwt_secret_file) {
+            (Some(s), _) => Some(s.clone()),
+            (None, Some(path)) => Some(read(path)?.trim().to_owned()),
+            (None, None) if config.uses_dev_secret() => Some(DEV_JWT_SECRET.to_owned()),
+            (None, None) => None,
+        };
+        if let Some(secret) = secret {
+            if secret.is_empty() {
+                return Err(KeyError::EmptySecret);
+            }
+            keys.push(Key {
+                kid: None,
+                alg: Algorithm::HS256,
+                key: DecodingKey::from_secret(secret.as_bytes()),
+            });
+        }
+        if let Some(path) = &config.jwt_public_key_file {
+            keys.push(load_pem(path)?);
+        }
+        if let Some(path) = &config.jwt_jwks_file {
+            keys.extend(load_jwks(path)?);
+        }
+        Ok(Self { keys })
+    }
+
+    /// The key for a token header: by `kid` when the JWKS has it, else the key pinned to `alg`.
+    pub(super) fn select(
+        &self,
+        alg: Algorithm,
+        kid: Option<&str>,
+    ) -> Result<&DecodingKey, AuthError> {
+        if let Some(kid) = kid {
+            if let Some(key) = self.keys.iter().find(|k| k.kid.as_deref() == Some(kid)) {
+                return if key.alg == alg {
+                    Ok(&key.key)
+                } else {
+                    Err(AuthError::AlgorithmNotAllowed(format!(
+                        "{alg:?} (key {kid:?} is {:?})",
+                        key.alg
+                    )))
+                };
+            }
+        }
+        match self.keys.iter().find(|k| k.kid.is_none() && k.alg == alg) {
+            Some(key) => Ok(&key.key),
+            None => match kid {
+                Some(kid) if self.keys.iter().any(|k| k.kid.is_some()) => {
+                    Err(AuthError::UnknownKeyId(kid.to_owned()))
+                }
+                _ => Err(AuthError::AlgorithmNotAllowed(format!("{alg:?}"))),
+            },
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<String, KeyError> {
+    std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn load_pem(path: &Path) -> Result<Key, KeyError> {
+    let pem = read(path)?;
+    let bytes = pem.as_bytes();
+    let (alg, key) = if let Ok(key) = DecodingKey::from_rsa_pem(bytes) {
+        (Algorithm::RS256, key)
+    } else if let Ok(key) = DecodingKey::from_ec_pem(bytes) {
+        (Algorithm::ES256, key)
+    } else if let Ok(key) = DecodingKey::from_ed_pem(bytes) {
+        (Algorithm::EdDSA, key)
+    } else {
+        return Err(KeyError::Pem(path.to_owned()));
+    };
+    Ok(Key {
+        kid: None,
+        alg,
+        key,
+    })
+}
+
+fn load_jwks(path: &Path) -> Result<Vec<Key>, KeyError> {
+    let invalid = |reason: String| KeyError::Jwks {
+        path: path.to_owned(),
+        reason,
+    };
+    let set: JwkSet = serde_json::from_str(&read(path)?).map_err(|e| invalid(e.to_string()))?;
+    set.keys
+        .iter()
+        .map(|jwk| {
+            let kid = jwk
+                .common
+                .key_id
+                .clone()
+                .ok_or_else(|| invalid("every key needs a kid".into()))?;
+            let alg =
+                match (&jwk.algorithm, jwk.common.key_algorithm) {
+                    (_, Some(KeyAlgorithm::RS256)) | (AlgorithmParameters::RSA(_), None) => {
+                        Algorithm::RS256
+                    }
+                    (_, Some(KeyAlgorithm::ES256))
+                    | (AlgorithmParameters::EllipticCurve(_), None) => Algorithm::ES256,
+                    (_, Some(KeyAlgorithm::EdDSA))
+                    | (AlgorithmParameters::OctetKeyPair(_), None) => Algorithm::EdDSA,
+                    (_, other) => {
+                        return Err(invalid(format!(
+                        "key {kid:?}: algorithm {other:?} is not supported (RS256, ES256, EdDSA)"
+                    )))
+                    }
+                };
+            let key =
+                DecodingKey::from_jwk(jwk).map_err(|e| invalid(format!("key {kid:?}: {e}")))?;
+            Ok(Key {
+                kid: Some(kid),
+                alg,
+                key,
+            })
+        })
+        .collect()
+}

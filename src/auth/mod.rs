@@ -1,0 +1,336 @@
+//! Authentication: bearer JWTs become a verified [`Principal`] before any handler runs.
+//!
+//! The [`Interceptor`] reads `authorization: Bearer <JWT>`, verifies it with the [`Verifier`] built from the
+//! configured keys ([`keys`]) and puts an `Arc<Principal>` into the request extensions. What a principal may
+//! do with a room is decided later, by [`crate::policy`].
+
+mod keys;
+mod token;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::Validation;
+use serde::Deserialize;
+
+pub use keys::KeyError;
+pub use token::{mint_hs256, DevToken};
+
+use crate::config::JwtConfig;
+use crate::error::ServiceError;
+
+/// Role that lets internal services publish to, and subscribe to, any room.
+pub const ROLE_PUBLISHER: &str = "publisher";
+/// Role that lets a user join every project and channel room of their own tenant.
+pub const ROLE_ADMIN: &str = "admin";
+
+/// Why a token was refused. Every variant maps to `UNAUTHENTICATED`; the message says which check failed.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum AuthError {
+    /// No `authorization` metadata.
+    #[error("missing authorization metadata: send `authorization: Bearer <JWT>`")]
+    Missing,
+    /// The metadata is not `Bearer <token>`, or the token is not a JWT.
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    /// The signature does not match the key.
+    #[error("bad token signature")]
+    BadSignature,
+    /// `exp` is in the past (beyond the leeway).
+    #[error("token expired")]
+    Expired,
+    /// `nbf` is in the future (beyond the leeway).
+    #[error("token not yet valid (nbf is in the future)")]
+    NotYetValid,
+    /// `iss` is not the configured issuer.
+    #[error("wrong token issuer (iss)")]
+    WrongIssuer,
+    /// `aud` does not contain the configured audience.
+    #[error("wrong token audience (aud)")]
+    WrongAudience,
+    /// The header's `alg` has no configured key (this includes `none`).
+    #[error("token algorithm {0} is not accepted by this server")]
+    AlgorithmNotAllowed(String),
+    /// The header's `kid` names no configured key.
+    #[error("unknown token key id (kid) {0:?}")]
+    UnknownKeyId(String),
+    /// A required claim is missing or has the wrong type.
+    #[error("invalid token claims: {0}")]
+    InvalidClaims(String),
+}
+
+/// The verified identity behind a call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    /// `sub`: the user (or service) id.
+    pub user_id: String,
+    /// `tid`: the tenant, required for users, optional for publishers.
+    pub tenant: Option<String>,
+    /// `email_verified`: users must have a verified email (as in the seed).
+    pub email_verified: bool,
+    /// `projects`: project ids the user may join.
+    pub projects: HashSet<String>,
+    /// `channels`: channel ids the user may join.
+    pub channels: HashSet<String>,
+    /// `roles`.
+    pub roles: HashSet<String>,
+    /// When the token stops being accepted (`exp` plus the leeway): open streams end then.
+    pub valid_until: SystemTime,
+}
+
+impl Principal {
+    /// Internal service allowed to publish.
+    pub fn is_publisher(&self) -> bool {
+        self.roles.contains(ROLE_PUBLISHER)
+    }
+
+    /// Tenant administrator.
+    pub fn is_admin(&self) -> bool {
+        self.roles.contains(ROLE_ADMIN)
+    }
+}
+
+/// The claims lamplight reads. Unknown claims are ignored.
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: String,
+    exp: u64,
+    #[serde(default)]
+    tid: Option<String>,
+    #[serde(default)]
+    email_verified: bool,
+    #[serde(default)]
+    projects: Vec<String>,
+    #[serde(default)]
+    channels: Vec<String>,
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+/// Verifies tokens against the configured keys. Built once at start-up; keys never come from globals.
+#[derive(Debug)]
+pub struct Verifier {
+    keys: keys::KeySet,
+    issuer: Option<String>,
+    audience: Option<String>,
+    leeway: Duration,
+}
+
+impl Verifier {
+    /// Loads every configured key source (or the development secret when none is configured).
+    pub fn from_config(config: &JwtConfig) -> Result<Self, KeyError> {
+        Ok(Self {
+            keys: keys::KeySet::load(config)?,
+            issuer: config.jwt_issuer.clone(),
+            audience: config.jwt_audience.clone(),
+            leeway: Duration::from_secs(config.jwt_leeway_secs),
+        })
+    }
+
+    /// Checks `authorization` metadata (`Bearer <JWT>`) and returns the principal.
+    pub fn verify_header(&self, value: Option<&str>) -> Result<Principal, AuthError> {
+        let value = value.ok_or(AuthError::Missing)?;
+        let (scheme, token) = value
+            .trim()
+            .split_once(' ')
+            .ok_or_else(|| AuthError::Malformed("expected `Bearer <JWT>`".into()))?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(AuthError::Malformed(format!(
+                "expected the Bearer scheme, got {scheme:?}"
+            )));
+        }
+        self.verify(token.trim())
+    }
+
+    /// Verifies one JWT.
+    pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| {
+            // A header naming an algorithm jsonwebtoken does not know (e.g. `none`) fails to parse.
+            match alg_name_from_raw(token) {
+                Some(alg) if alg.parse::<jsonwebtoken::Algorithm>().is_err() => {
+                    AuthError::AlgorithmNotAllowed(alg)
+                }
+                _ => AuthError::Malformed(format!("not a JWT ({e})")),
+            }
+        })?;
+        let key = self.keys.select(header.alg, header.kid.as_deref())?;
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = self.leeway.as_secs();
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        match &self.issuer {
+            Some(iss) => validation.set_issuer(&[iss]),
+            None => validation.iss = None,
+        }
+        match &self.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| match e
+            .kind()
+        {
+            ErrorKind::InvalidSignature => AuthError::BadSignature,
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+            ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
+            ErrorKind::InvalidAudience => AuthError::WrongAudience,
+            ErrorKind::InvalidAlgorithm => {
+                AuthError::AlgorithmNotAllowed(format!("{:?}", header.alg))
+            }
+            ErrorKind::MissingRequiredClaim(c) => {
+                AuthError::InvalidClaims(format!("missing claim {c:?}"))
+            }
+            ErrorKind::Json(err) => AuthError::InvalidClaims(err.to_string()),
+            _ => AuthError::Malformed(e.to_string()),
+        })?;
+        let claims = data.claims;
+        if claims.sub.is_empty() {
+            return Err(AuthError::InvalidClaims("empty sub".into()));
+        }
+        let valid_until = UNIX_EPOCH + Duration::from_secs(claims.exp) + self.leeway;
+        Ok(Principal {
+            user_id: claims.sub,
+            tenant: claims.tid.filter(|t| !t.is_empty()),
+            email_verified: claims.email_verified,
+            projects: claims.projects.into_iter().collect(),
+            channels: claims.channels.into_iter().collect(),
+            roles: claims.roles.into_iter().collect(),
+            valid_until,
+        })
+    }
+}
+
+/// Best effort: the `alg` string of a token whose header `jsonwebtoken` refuses to parse (e.g. `none`).
+fn alg_name_from_raw(token: &str) -> Option<String> {
+    use base64::Engine as _;
+    token
+        .split('.')
+        .next()
+        .and_then(|h| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(h)
+                .ok()
+        })
+        .and_then(|h| serde_json::from_slice::<serde_json::Value>(&h).ok())
+        .and_then(|h| h.get("alg").and_then(|a| a.as_str()).map(str::to_owned))
+}
+
+/// tonic interceptor: verifies the bearer token and stores the [`Principal`] in the request extensions.
+#[derive(Clone, Debug)]
+pub struct Interceptor {
+    verifier: Arc<Verifier>,
+}
+
+impl Interceptor {
+    /// An interceptor sharing `verifier`.
+    pub fn new(verifier: Arc<Verifier>) -> Self {
+        Self { verifier }
+    }
+}
+
+impl tonic::service::Interceptor for Interceptor {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let header = match req.metadata().get("authorization") {
+            None => None,
+            Some(v) => Some(v.to_str().map_err(|_| {
+                ServiceError::from(AuthError::Malformed(
+                    "authorization metadata is not ASCII".into(),
+                ))
+            })?),
+        };
+        let principal = self.verifier.verify_header(header).map_err(|e| {
+            tracing::debug!(error = %e, "authentication failed");
+            ServiceError::from(e)
+        })?;
+        req.extensions_mut().insert(Arc::new(principal));
+        Ok(req)
+    }
+}
+
+/// The verified principal of a request (set by [`Interceptor`]).
+pub fn principal<T>(req: &tonic::Request<T>) -> Result<Arc<Principal>, ServiceError> {
+    req.extensions()
+        .get::<Arc<Principal>>()
+        .cloned()
+        .ok_or(ServiceError::Auth(AuthError::Missing))
+}
+
+/// Seconds since the Unix epoch.
+pub(crate) fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn verifier(secret: &str) -> Verifier {
+        Verifier::from_config(&JwtConfig {
+            jwt_secret: Some(secret.into()),
+            jwt_leeway_secs: 0,
+            ..JwtConfig::default()
+        })
+        .expect("verifier")
+    }
+
+    #[test]
+    fn reads_claims_of_a_valid_token() {
+        let token = mint_hs256(
+            b"s",
+            &json!({"sub": "u1", "tid": "t1", "email_verified": true, "projects": ["p1"],
+                    "channels": ["c1"], "roles": ["admin"], "exp": now_unix() + 60}),
+        )
+        .unwrap();
+        let p = verifier("s")
+            .verify_header(Some(&format!("Bearer {token}")))
+            .unwrap();
+        assert_eq!(p.user_id, "u1");
+        assert_eq!(p.tenant.as_deref(), Some("t1"));
+        assert!(p.email_verified && p.is_admin() && !p.is_publisher());
+        assert!(p.projects.contains("p1") && p.channels.contains("c1"));
+    }
+
+    #[test]
+    fn names_each_failure() {
+        let v = verifier("s");
+        let exp = now_unix() + 60;
+        let good = mint_hs256(b"s", &json!({"sub": "u", "exp": exp})).unwrap();
+        assert_eq!(v.verify_header(None), Err(AuthError::Missing));
+        assert!(matches!(
+            v.verify_header(Some(&format!("Basic {good}"))),
+            Err(AuthError::Malformed(_))
+        ));
+        assert!(matches!(v.verify("abc"), Err(AuthError::Malformed(_))));
+        let other = mint_hs256(b"other", &json!({"sub": "u", "exp": exp})).unwrap();
+        assert_eq!(v.verify(&other), Err(AuthError::BadSignature));
+        let expired = mint_hs256(b"s", &json!({"sub": "u", "exp": now_unix() - 5})).unwrap();
+        assert_eq!(v.verify(&expired), Err(AuthError::Expired));
+        let future = mint_hs256(
+            b"s",
+            &json!({"sub": "u", "exp": exp, "nbf": now_unix() + 30}),
+        )
+        .unwrap();
+        assert_eq!(v.verify(&future), Err(AuthError::NotYetValid));
+        let no_sub = mint_hs256(b"s", &json!({"exp": exp})).unwrap();
+        assert!(matches!(
+            v.verify(&no_sub),
+            Err(AuthError::InvalidClaims(_))
+        ));
+        // alg=none: header {"alg":"none"} and an empty signature.
+        let none = format!(
+            "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.",
+            good.split('.').nth(1).unwrap()
+        );
+        let got = v.verify(&none);
+        assert!(
+            matches!(got, Err(AuthError::AlgorithmNotAllowed(_))),
+            "{got:?}"
+        );
+    }
+}

@@ -1,0 +1,446 @@
+//! The embedded bus: everything in one process, no other service needed.
+//!
+//! Ids are `{epoch}-{seq}`: `seq` comes from one counter shared by all rooms (so it only grows within a
+//! room), and `epoch` identifies this run, so an id from an earlier run is recognised and answered with a
+//! `Reset` instead of a false recovery.
+//!
+//! Bounds: each room keeps its last `history_size` non-ephemeral events; a room nobody is subscribed to is
+//! forgotten after `history_ttl` without events (one minute if it kept no history); idempotency keys are
+//! remembered for ten minutes, at most [`MAX_IDEMPOTENCY_KEYS`] (the oldest are forgotten first).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
+
+use async_trait::async_trait;
+
+use super::{
+    is_ephemeral, Bus, BusError, Position, Recovery, RoomFeed, RoomItem, Sink, StoredEvent,
+};
+use crate::presence::{status_event, Member, PresenceSnapshot, PresenceTable, Transition};
+use crate::proto::v1::Event;
+
+/// How long a publish's idempotency key is remembered.
+pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(600);
+/// Most idempotency keys remembered at once; past it the oldest are forgotten early.
+pub const MAX_IDEMPOTENCY_KEYS: usize = 100_000;
+/// Idle time after which a room without history and without subscribers is forgotten.
+const EMPTY_ROOM_TTL: Duration = Duration::from_secs(60);
+
+/// In-process [`Bus`].
+#[derive(Clone)]
+pub struct MemoryBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    epoch: String,
+    seq: AtomicU64,
+    /// Highest seq of any room forgotten by the sweeper: a room created again cannot replay before it.
+    swept_through: AtomicU64,
+    next_lease: AtomicU64,
+    rooms: Mutex<HashMap<Arc<str>, Arc<Mutex<RoomState>>>>,
+    idempotency: Mutex<Idempotency>,
+    presence: Mutex<PresenceTable>,
+    history_size: usize,
+    history_ttl: Duration,
+}
+
+struct RoomState {
+    name: Arc<str>,
+    history: VecDeque<Arc<StoredEvent>>,
+    /// Events with a seq at or below this may be gone: a `since` before it cannot be recovered.
+    trimmed_through: u64,
+    last_id: Option<String>,
+    last_seq: u64,
+    sinks: Vec<(u64, Sink)>,
+    last_activity: Instant,
+}
+
+#[derive(Default)]
+struct Idempotency {
+    ids: HashMap<String, String>,
+    order: VecDeque<(Instant, String)>,
+}
+
+impl Idempotency {
+    fn expire(&mut self, now: Instant) {
+        while let Some((at, key)) = self.order.front() {
+            if now.duration_since(*at) < IDEMPOTENCY_TTL && self.ids.len() <= MAX_IDEMPOTENCY_KEYS {
+                break;
+            }
+            self.ids.remove(key);
+            self.order.pop_front();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves consistent data (no multi-step invariants span a
+    // panic point), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl MemoryBus {
+    /// A bus keeping `history_size` events per room. Spawns the sweeper that forgets idle rooms, so it must
+    /// be called inside a tokio runtime; the sweeper stops when the bus is dropped.
+    pub fn new(history_size: usize, history_ttl: Duration) -> Self {
+        let epoch_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let inner = Arc::new(Inner {
+            epoch: base36(epoch_ms),
+            seq: AtomicU64::new(0),
+            swept_through: AtomicU64::new(0),
+            next_lease: AtomicU64::new(0),
+            rooms: Mutex::new(HashMap::new()),
+            idempotency: Mutex::new(Idempotency::default()),
+            presence: Mutex::new(PresenceTable::default()),
+            history_size: history_size.max(1),
+            history_ttl,
+        });
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(sweep(
+            weak,
+            (history_ttl / 10).clamp(Duration::from_secs(1), EMPTY_ROOM_TTL),
+        ));
+        Self { inner }
+    }
+
+    /// Rooms currently held in memory (for tests and metrics).
+    pub fn room_count(&self) -> usize {
+        lock(&self.inner.rooms).len()
+    }
+}
+
+impl Inner {
+    fn room(&self, name: &str) -> Arc<Mutex<RoomState>> {
+        let mut rooms = lock(&self.rooms);
+        if let Some(room) = rooms.get(name) {
+            return room.clone();
+        }
+        let name: Arc<str> = name.into();
+        let room = Arc::new(Mutex::new(RoomState {
+            name: name.clone(),
+            history: VecDeque::new(),
+            trimmed_through: self.swept_through.load(Ordering::Acquire),
+            last_id: None,
+            last_seq: 0,
+            sinks: Vec::new(),
+            last_activity: Instant::now(),
+        }));
+        rooms.insert(name, room.clone());
+        room
+    }
+
+    /// Assigns the id and fans out under the room's lock, so every subscriber sees the room in id order.
+    /// Offers never wait (see [`Sink::offer`]).
+    fn publish_now(&self, mut event: Event) -> String {
+        let room = self.room(&event.room);
+        let mut st = lock(&room);
+        let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
+        event.id = format!("{}-{seq}", self.epoch);
+        let stored = Arc::new(StoredEvent::new(
+            Position {
+                major: seq,
+                minor: 0,
+            },
+            st.name.clone(),
+            &event,
+        ));
+        if !is_ephemeral(&event) {
+            st.history.push_back(stored.clone());
+            while st.history.len() > self.history_size {
+                if let Some(old) = st.history.pop_front() {
+                    st.trimmed_through = old.pos.major;
+                }
+            }
+        }
+        st.last_id = Some(event.id.clone());
+        st.last_seq = seq;
+        st.last_activity = Instant::now();
+        st.sinks
+            .retain(|(_, sink)| sink.offer(RoomItem::Event(stored.clone())));
+        event.id
+    }
+
+    fn parse_since(&self, room: &str, since: &str) -> Result<(String, u64), BusError> {
+        let invalid = |reason| BusError::InvalidCursor {
+            room: room.to_owned(),
+            id: since.chars().take(64).collect(),
+            reason,
+        };
+        let (epoch, seq) = since
+            .rsplit_once('-')
+            .ok_or_else(|| invalid("expected {epoch}-{seq}"))?;
+        if epoch.is_empty() || !epoch.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(invalid("bad epoch"));
+        }
+        let seq = seq
+            .parse::<u64>()
+            .map_err(|_| invalid("bad sequence number"))?;
+        Ok((epoch.to_owned(), seq))
+    }
+
+    fn transition(&self, member: &Member, transition: Transition) {
+        match transition {
+            Transition::Online => {
+                self.publish_now(status_event(member, true));
+            }
+            Transition::Offline => {
+                self.publish_now(status_event(member, false));
+            }
+            Transition::None => {}
+        }
+    }
+}
+
+/// Detaches a sink from a room when the stream leaves it.
+struct MemoryLease {
+    room: Arc<Mutex<RoomState>>,
+    id: u64,
+}
+
+impl Drop for MemoryLease {
+    fn drop(&mut self) {
+        let mut st = lock(&self.room);
+        st.sinks.retain(|(id, _)| *id != self.id);
+        st.last_activity = Instant::now();
+    }
+}
+
+#[async_trait]
+impl Bus for MemoryBus {
+    async fn publish(
+        &self,
+        event: Event,
+        idempotency_key: Option<String>,
+    ) -> Result<String, BusError> {
+        let Some(key) = idempotency_key else {
+            return Ok(self.inner.publish_now(event));
+        };
+        // Held across the publish so two concurrent retries cannot both deliver.
+        let mut idem = lock(&self.inner.idempotency);
+        let now = Instant::now();
+        idem.expire(now);
+        if let Some(id) = idem.ids.get(&key) {
+            return Ok(id.clone());
+        }
+        let id = self.inner.publish_now(event);
+        idem.ids.insert(key.clone(), id.clone());
+        idem.order.push_back((now, key));
+        Ok(id)
+    }
+
+    async fn subscribe(
+        &self,
+        room: &str,
+        since: Option<&str>,
+        sink: &Sink,
+    ) -> Result<RoomFeed, BusError> {
+        let cursor = since.map(|s| self.inner.parse_since(room, s)).transpose()?;
+        let slot = self.inner.room(room);
+        let mut st = lock(&slot);
+        let id = self.inner.next_lease.fetch_add(1, Ordering::Relaxed);
+        st.sinks.push((id, sink.clone()));
+        let (recovery, replay) = match cursor {
+            None => (Recovery::Fresh, Vec::new()),
+            Some((epoch, _)) if epoch != self.inner.epoch => (
+                Recovery::Reset(
+                    "the event id is from an earlier run of this server; its history is gone".into(),
+                ),
+                Vec::new(),
+            ),
+            Some((_, seq)) if seq > self.inner.seq.load(Ordering::Acquire) => (
+                Recovery::Reset("the event id is newer than any this server issued".into()),
+                Vec::new(),
+            ),
+            Some((_, seq)) if seq < st.trimmed_through => (
+                Recovery::Reset(format!(
+                    "history no longer reaches back to that event (it keeps the last {} events per room)",
+                    self.inner.history_size
+                )),
+                Vec::new(),
+            ),
+            Some((_, seq)) => (
+                Recovery::Recovered,
+                st.history
+                    .iter()
+                    .filter(|e| e.pos.major > seq)
+                    .cloned()
+                    .collect(),
+            ),
+        };
+        Ok(RoomFeed {
+            last_event_id: st.last_id.clone().unwrap_or_default(),
+            recovery,
+            replay,
+            skip_through: None,
+            lease: Box::new(MemoryLease {
+                room: slot.clone(),
+                id,
+            }),
+        })
+    }
+
+    async fn connect(&self, member: &Member, rooms: &[String]) -> Result<(), BusError> {
+        let mut presence = lock(&self.inner.presence);
+        let transition = presence.connect(member, rooms);
+        self.inner.transition(member, transition);
+        Ok(())
+    }
+
+    async fn disconnect(&self, member: &Member, rooms: &[String]) -> Result<(), BusError> {
+        let mut presence = lock(&self.inner.presence);
+        let transition = presence.disconnect(member, rooms);
+        self.inner.transition(member, transition);
+        Ok(())
+    }
+
+    async fn presence(&self, room: &str) -> Result<PresenceSnapshot, BusError> {
+        Ok(lock(&self.inner.presence).snapshot(room))
+    }
+
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+}
+
+/// Forgets rooms nobody is subscribed to once they have been idle long enough.
+async fn sweep(inner: Weak<Inner>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let now = Instant::now();
+        let mut rooms = lock(&inner.rooms);
+        rooms.retain(|_, room| {
+            let st = lock(room);
+            let ttl = if st.history.is_empty() {
+                EMPTY_ROOM_TTL.min(inner.history_ttl)
+            } else {
+                inner.history_ttl
+            };
+            let keep = !st.sinks.is_empty() || now.duration_since(st.last_activity) < ttl;
+            if !keep {
+                inner.swept_through.fetch_max(st.last_seq, Ordering::AcqRel);
+            }
+            keep
+        });
+    }
+}
+
+fn base36(mut n: u64) -> String {
+    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(DIGITS[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::sink;
+    use crate::proto::v1::{event::Payload, Task, Typing};
+
+    fn event(room: &str) -> Event {
+        Event {
+            room: room.into(),
+            r#type: "task.created".into(),
+            payload: Some(Payload::Task(Task::default())),
+            ..Default::default()
+        }
+    }
+
+    fn ids(items: &[Arc<StoredEvent>]) -> Vec<String> {
+        items.iter().map(|e| e.id.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn replays_exactly_what_was_missed_then_resets_past_the_history() {
+        let bus = MemoryBus::new(3, Duration::from_secs(60));
+        let (s, _rx) = sink(16);
+        let mut published = Vec::new();
+        for _ in 0..5 {
+            published.push(bus.publish(event("tenant:t1"), None).await.unwrap());
+        }
+        let feed = bus
+            .subscribe("tenant:t1", Some(&published[2]), &s)
+            .await
+            .unwrap();
+        assert_eq!(feed.recovery, Recovery::Recovered);
+        assert_eq!(ids(&feed.replay), published[3..].to_vec());
+        assert_eq!(feed.last_event_id, published[4]);
+        // Only the last 3 are kept: events 2..5 are there, so since=#2 works and since=#1 does not.
+        let feed = bus
+            .subscribe("tenant:t1", Some(&published[1]), &s)
+            .await
+            .unwrap();
+        assert_eq!(ids(&feed.replay), published[2..].to_vec());
+        let feed = bus
+            .subscribe("tenant:t1", Some(&published[0]), &s)
+            .await
+            .unwrap();
+        assert!(matches!(feed.recovery, Recovery::Reset(_)));
+        let feed = bus.subscribe("tenant:t1", Some("zzz-1"), &s).await.unwrap();
+        assert!(matches!(feed.recovery, Recovery::Reset(_)), "other epoch");
+        assert!(bus
+            .subscribe("tenant:t1", Some("nonsense"), &s)
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn ephemeral_events_are_delivered_but_not_kept() {
+        let bus = MemoryBus::new(10, Duration::from_secs(60));
+        let (s, mut rx) = sink(16);
+        let first = bus.publish(event("r"), None).await.unwrap();
+        let feed = bus.subscribe("r", None, &s).await.unwrap();
+        let mut typing = event("r");
+        typing.payload = Some(Payload::Typing(Typing::default()));
+        bus.publish(typing, None).await.unwrap();
+        assert!(matches!(rx.recv().await, Some(RoomItem::Event(_))));
+        let replay = bus.subscribe("r", Some(&first), &s).await.unwrap().replay;
+        assert!(replay.is_empty());
+        drop(feed);
+    }
+
+    #[tokio::test]
+    async fn idempotent_publish_delivers_once() {
+        let bus = MemoryBus::new(10, Duration::from_secs(60));
+        let (s, mut rx) = sink(16);
+        let _feed = bus.subscribe("r", None, &s).await.unwrap();
+        let a = bus.publish(event("r"), Some("k".into())).await.unwrap();
+        let b = bus.publish(event("r"), Some("k".into())).await.unwrap();
+        assert_eq!(a, b);
+        assert!(rx.recv().await.is_some());
+        assert!(rx.try_recv().is_none(), "delivered once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_rooms_are_swept_and_cannot_falsely_recover() {
+        let bus = MemoryBus::new(10, Duration::from_secs(100));
+        let id = bus.publish(event("r"), None).await.unwrap();
+        let later = bus.publish(event("r"), None).await.unwrap();
+        assert_eq!(bus.room_count(), 1);
+        tokio::time::sleep(Duration::from_secs(130)).await;
+        assert_eq!(bus.room_count(), 0);
+        let (s, _rx) = sink(4);
+        let feed = bus.subscribe("r", Some(&id), &s).await.unwrap();
+        assert!(matches!(feed.recovery, Recovery::Reset(_)));
+        let feed = bus.subscribe("r", Some(&later), &s).await.unwrap();
+        assert_eq!(feed.recovery, Recovery::Recovered);
+    }
+}

@@ -1,0 +1,166 @@
+//! The event bus: where published events get their ids, are kept for replay and reach subscribers.
+//!
+//! [`Bus`] is the seam between the gRPC layer and the transport that carries events between nodes. The
+//! service only ever holds an `Arc<dyn Bus>`; [`memory::MemoryBus`] runs everything in one process (the
+//! default), and a Redis implementation shares rooms, history and presence across nodes.
+//!
+//! Contract every implementation keeps:
+//! - ids are strictly increasing within a room, and subscribers see a room's events in id order;
+//! - [`Bus::subscribe`] attaches a stream's [`Sink`] and reads the replay in one step, so between the
+//!   replayed events and the live ones there is no gap, and no duplicate once [`RoomFeed::skip_through`]
+//!   is applied;
+//! - recovery is exact or not claimed: when history cannot cover `since`, the feed says [`Recovery::Reset`];
+//! - a publish returns only once the event is accepted, and never waits for a subscriber.
+
+pub mod memory;
+mod sink;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+pub use sink::{sink, Sink, SinkReceiver};
+
+use crate::presence::{Member, PresenceSnapshot};
+use crate::proto::v1::{event::Payload, Event};
+use crate::wire::SharedResponse;
+
+/// Order of an event within its room (for the in-memory bus a sequence number; for Redis a stream id).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Position {
+    /// Most significant part.
+    pub major: u64,
+    /// Least significant part.
+    pub minor: u64,
+}
+
+/// An accepted event: its id, its room and its `SubscribeResponse` encoding, shared by every subscriber.
+#[derive(Debug)]
+pub struct StoredEvent {
+    /// The id the bus assigned.
+    pub id: String,
+    /// Order within the room.
+    pub pos: Position,
+    /// The room.
+    pub room: Arc<str>,
+    /// `SubscribeResponse { event }`, encoded once.
+    pub frame: SharedResponse,
+}
+
+impl StoredEvent {
+    /// Encodes `event` (whose `id` is already set) for fan-out.
+    pub fn new(pos: Position, room: Arc<str>, event: &Event) -> Self {
+        Self {
+            id: event.id.clone(),
+            pos,
+            room,
+            frame: SharedResponse::from_event(event),
+        }
+    }
+}
+
+/// What a subscriber's queue carries.
+#[derive(Clone, Debug)]
+pub enum RoomItem {
+    /// A live event.
+    Event(Arc<StoredEvent>),
+    /// The bus lost events of this room that the stream may not have seen (e.g. Redis was down longer than
+    /// its history covers): the client should refetch.
+    Reset {
+        /// The room.
+        room: Arc<str>,
+        /// Why.
+        reason: Arc<str>,
+    },
+}
+
+/// Whether `since` could be honoured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Recovery {
+    /// No `since` was given.
+    Fresh,
+    /// Every event after `since` is in [`RoomFeed::replay`].
+    Recovered,
+    /// History cannot cover `since` (trimmed, expired or from an earlier run): why.
+    Reset(String),
+}
+
+/// Keeps a stream attached to a room; dropping it detaches the stream.
+pub type Lease = Box<dyn Send + Sync>;
+
+/// A stream's view of one room, returned by [`Bus::subscribe`].
+pub struct RoomFeed {
+    /// The newest event id of the room after the replay ("" if none).
+    pub last_event_id: String,
+    /// Whether `since` was honoured.
+    pub recovery: Recovery,
+    /// Events after `since`, oldest first (empty without `since` or on reset).
+    pub replay: Vec<Arc<StoredEvent>>,
+    /// Live items at or before this position were already replayed: drop them.
+    pub skip_through: Option<Position>,
+    /// Attachment of the sink to the room.
+    pub lease: Lease,
+}
+
+/// Failures of a bus operation.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// `since` is not an event id this bus could have issued.
+    #[error("invalid since for room {room}: {id:?} is not an event id ({reason})")]
+    InvalidCursor {
+        /// The room.
+        room: String,
+        /// The id given.
+        id: String,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+    /// The bus cannot accept or serve right now (e.g. Redis is down). Retry, possibly on another node.
+    #[error("event bus unavailable: {0}")]
+    Unavailable(String),
+    /// A bus-internal failure.
+    #[error("event bus error: {0}")]
+    Internal(String),
+}
+
+/// The transport behind rooms. See the module docs for the contract.
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Assigns the id, stores the event (unless [`is_ephemeral`]) and fans it out. With an
+    /// `idempotency_key` seen in the last ten minutes, returns the first id and delivers nothing.
+    async fn publish(
+        &self,
+        event: Event,
+        idempotency_key: Option<String>,
+    ) -> Result<String, BusError>;
+
+    /// Attaches `sink` to `room` and reads what it missed since `since`.
+    async fn subscribe(
+        &self,
+        room: &str,
+        since: Option<&str>,
+        sink: &Sink,
+    ) -> Result<RoomFeed, BusError>;
+
+    /// Records a connection of `member` in `rooms`; when it is the user's first connection, publishes
+    /// `UserStatus ONLINE` to the user's tenant room, atomically with the count so statuses cannot be
+    /// reordered.
+    async fn connect(&self, member: &Member, rooms: &[String]) -> Result<(), BusError>;
+
+    /// Removes that connection; after the user's last one, publishes `UserStatus OFFLINE`.
+    async fn disconnect(&self, member: &Member, rooms: &[String]) -> Result<(), BusError>;
+
+    /// Distinct users and connections in a room.
+    async fn presence(&self, room: &str) -> Result<PresenceSnapshot, BusError>;
+
+    /// Short name for logs ("memory", "redis").
+    fn name(&self) -> &'static str;
+}
+
+/// Typing and user-status events are delivered live and never kept in history.
+pub fn is_ephemeral(event: &Event) -> bool {
+    matches!(
+        event.payload,
+        Some(Payload::Typing(_)) | Some(Payload::UserStatus(_))
+    )
+}

@@ -1,0 +1,169 @@
+//! Server configuration: one documented struct, read from flags and environment variables by clap, so
+//! `--help` and the env vars come from the same source. Every flag `--foo-bar` also reads
+//! `LAMPLIGHT_FOO_BAR` (except `REDIS_URL`). Invalid values fail at start-up with a message, never later.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::TypedValueParser as _;
+use clap::{Args, ValueEnum};
+
+/// Default listen address: gRPC, grpc-web, reflection and health share this port.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:50051";
+/// Default events kept per room for `since` replay.
+pub const DEFAULT_HISTORY_SIZE: usize = 1000;
+/// Default seconds an idle room's history is kept after its last event.
+pub const DEFAULT_HISTORY_TTL_SECS: u64 = 24 * 3600;
+/// Default heartbeat interval (the seed's 25 s).
+pub const DEFAULT_HEARTBEAT_SECS: u64 = 25;
+/// Default maximum rooms in one `Subscribe`.
+pub const DEFAULT_MAX_ROOMS_PER_SUBSCRIBE: usize = 64;
+/// Default maximum encoded size of one event.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 64 * 1024;
+/// Default number of events a stream may fall behind in one room before it is ended.
+pub const DEFAULT_STREAM_QUEUE: usize = 1024;
+/// Default JWT clock leeway.
+pub const DEFAULT_JWT_LEEWAY_SECS: u64 = 30;
+/// Default `SetTyping` calls allowed per second per user (burst of the same size).
+pub const DEFAULT_TYPING_PER_SEC: u32 = 5;
+/// Default time open streams get to end after SIGINT/SIGTERM before the process exits anyway.
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 5;
+/// The HS256 secret used when no key is configured, so `cargo run` works out of the box. Never use it in
+/// production: anyone can mint tokens with it. The server logs a warning when it is in use.
+pub const DEV_JWT_SECRET: &str = "lamplight-dev-secret";
+
+/// How logs are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Where the JWT verification keys come from. At least one source is used; with none, the development
+/// secret [`DEV_JWT_SECRET`].
+#[derive(Clone, Debug, Default, Args)]
+pub struct JwtConfig {
+    /// HS256 shared secret.
+    #[arg(long, env = "LAMPLIGHT_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// File holding the HS256 shared secret (surrounding whitespace is ignored).
+    #[arg(long, env = "LAMPLIGHT_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// PEM public key (RSA -> RS256, EC P-256 -> ES256, Ed25519 -> EdDSA), used for tokens without a
+    /// `kid` or whose `kid` is not in the JWKS.
+    #[arg(long, env = "LAMPLIGHT_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// JWKS file (`{"keys": [...]}`); the token's `kid` selects the key.
+    #[arg(long, env = "LAMPLIGHT_JWT_JWKS_FILE")]
+    pub jwt_jwks_file: Option<PathBuf>,
+    /// Required `iss` claim, if set.
+    #[arg(long, env = "LAMPLIGHT_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim, if set.
+    #[arg(long, env = "LAMPLIGHT_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Clock leeway for `exp` and `nbf`, in seconds.
+    #[arg(long, env = "LAMPLIGHT_JWT_LEEWAY_SECS", default_value_t = DEFAULT_JWT_LEEWAY_SECS)]
+    pub jwt_leeway_secs: u64,
+}
+
+impl JwtConfig {
+    /// True when no key source is configured and the development secret will be used.
+    pub fn uses_dev_secret(&self) -> bool {
+        self.jwt_secret.is_none()
+            && self.jwt_secret_file.is_none()
+            && self.jwt_public_key_file.is_none()
+            && self.jwt_jwks_file.is_none()
+    }
+}
+
+/// Everything `lamplight serve` needs.
+#[derive(Clone, Debug, Args)]
+pub struct Config {
+    /// Address for gRPC (HTTP/2), grpc-web (HTTP/1.1 and HTTP/2), reflection and health.
+    #[arg(long, env = "LAMPLIGHT_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+
+    /// Browser origins allowed to call over grpc-web (comma-separated, e.g. the seed's FRONTEND_URL).
+    /// Preflights from other origins get no CORS headers. Empty: no browser origin is allowed.
+    #[arg(long, env = "LAMPLIGHT_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+
+    /// JWT verification keys and checks.
+    #[command(flatten)]
+    pub jwt: JwtConfig,
+
+    /// Events kept per room for `since` replay. Older ones are dropped; a `since` before them gets `Reset`.
+    #[arg(long, env = "LAMPLIGHT_HISTORY_SIZE", default_value_t = DEFAULT_HISTORY_SIZE,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000).map(|v| v as usize))]
+    pub history_size: usize,
+
+    /// Seconds a room's history is kept after its last event while nobody is subscribed.
+    #[arg(long, env = "LAMPLIGHT_HISTORY_TTL_SECS", default_value_t = DEFAULT_HISTORY_TTL_SECS)]
+    pub history_ttl_secs: u64,
+
+    /// Seconds between heartbeat messages on every stream.
+    #[arg(long, env = "LAMPLIGHT_HEARTBEAT_SECS", default_value_t = DEFAULT_HEARTBEAT_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub heartbeat_secs: u64,
+
+    /// Maximum rooms in one `Subscribe` (more -> INVALID_ARGUMENT).
+    #[arg(long, env = "LAMPLIGHT_MAX_ROOMS_PER_SUBSCRIBE", default_value_t = DEFAULT_MAX_ROOMS_PER_SUBSCRIBE,
+          value_parser = clap::value_parser!(u64).range(1..=10_000).map(|v| v as usize))]
+    pub max_rooms_per_subscribe: usize,
+
+    /// Maximum encoded size of one published event in bytes (more -> INVALID_ARGUMENT).
+    #[arg(long, env = "LAMPLIGHT_MAX_EVENT_BYTES", default_value_t = DEFAULT_MAX_EVENT_BYTES,
+          value_parser = clap::value_parser!(u64).range(256..=16 * 1024 * 1024).map(|v| v as usize))]
+    pub max_event_bytes: usize,
+
+    /// Events a stream may fall behind in one room. Past it the stream ends with RESOURCE_EXHAUSTED naming
+    /// the last event id delivered per room; publishers and other streams never wait for it.
+    #[arg(long, env = "LAMPLIGHT_STREAM_QUEUE", default_value_t = DEFAULT_STREAM_QUEUE,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000).map(|v| v as usize))]
+    pub stream_queue: usize,
+
+    /// `SetTyping` calls allowed per second per user (more -> RESOURCE_EXHAUSTED).
+    #[arg(long, env = "LAMPLIGHT_TYPING_PER_SEC", default_value_t = DEFAULT_TYPING_PER_SEC,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub typing_per_sec: u32,
+
+    /// Seconds open streams get to end after SIGINT/SIGTERM before the server exits anyway.
+    #[arg(long, env = "LAMPLIGHT_SHUTDOWN_GRACE_SECS", default_value_t = DEFAULT_SHUTDOWN_GRACE_SECS)]
+    pub shutdown_grace_secs: u64,
+
+    /// Log format (filter with RUST_LOG, default `info`).
+    #[arg(long, env = "LAMPLIGHT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Defaults for every field, listening on `listen` (tests use `127.0.0.1:0`).
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            cors_origins: Vec::new(),
+            jwt: JwtConfig {
+                jwt_leeway_secs: DEFAULT_JWT_LEEWAY_SECS,
+                ..JwtConfig::default()
+            },
+            history_size: DEFAULT_HISTORY_SIZE,
+            history_ttl_secs: DEFAULT_HISTORY_TTL_SECS,
+            heartbeat_secs: DEFAULT_HEARTBEAT_SECS,
+            max_rooms_per_subscribe: DEFAULT_MAX_ROOMS_PER_SUBSCRIBE,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            stream_queue: DEFAULT_STREAM_QUEUE,
+            typing_per_sec: DEFAULT_TYPING_PER_SEC,
+            shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
+            log_format: LogFormat::Pretty,
+        }
+    }
+
+    /// Heartbeat interval.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_secs)
+    }
+}

@@ -1,0 +1,29 @@
+//! lamplight: a gRPC-native real-time event service.
+//!
+//! Backend services `Publish` events to rooms; browsers and services `Subscribe` to rooms over gRPC or
+//! grpc-web and receive them live, with replay of what they missed after a reconnect. See
+//! `ARCHITECTURE.md` for the path of one event, and the README for the room and claim model.
+//!
+//! Modules, by concept: [`config`] (flags and env), [`auth`] (JWT -> principal), [`rooms`] (room grammar),
+//! [`policy`] (who may do what), [`service`] (the gRPC handlers), [`bus`] (ids, history, fan-out; one
+//! trait, several transports), [`presence`], [`ratelimit`], [`wire`] (pre-encoded responses), [`error`]
+//! (the one mapping to `tonic::Status`), [`server`] (assembly and middleware), [`shutdown`], [`cli`].
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod auth;
+pub mod bus;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod policy;
+pub mod presence;
+pub mod proto;
+pub mod ratelimit;
+pub mod rooms;
+pub mod server;
+pub mod service;
+pub mod shutdown;
+pub mod wire;
+
+pub use config::Config;
+pub use server::{serve, ServeError};

@@ -1,0 +1,191 @@
+//! Who may do what with which room. Pure functions of a verified [`Principal`] and a parsed [`Room`].
+//!
+//! - `user:{sub}`: only that user.
+//! - `tenant:{tid}`: members of the tenant.
+//! - `tenant:{tid}:project:{pid}`: `pid` in the token's `projects`, or role `admin` of that tenant.
+//! - `tenant:{tid}:channel:{cid}`: `cid` in `channels`, or role `admin` of that tenant.
+//! - Role `publisher` (internal services) may publish to and subscribe to any room; a publisher token with
+//!   a `tid` is confined to user rooms and that tenant's rooms.
+//! - Users must have `email_verified: true` (as in the seed) and may not `Publish`; they may `SetTyping`
+//!   in channel rooms they may join.
+
+use crate::auth::Principal;
+use crate::rooms::Room;
+
+/// A refused action. Every variant maps to `PERMISSION_DENIED`.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum Denied {
+    /// Users need a verified email.
+    #[error("email not verified: users need email_verified=true in their token")]
+    EmailNotVerified,
+    /// A user token without `tid`.
+    #[error("token has no tenant (tid): users need one")]
+    NoTenant,
+    /// Not allowed in this room.
+    #[error("not allowed in room {room}: {reason}")]
+    Room {
+        /// The room.
+        room: String,
+        /// Why, in terms of the token's claims.
+        reason: &'static str,
+    },
+    /// Only internal services publish.
+    #[error("only tokens with role `publisher` may publish")]
+    NotPublisher,
+}
+
+/// May this principal open a stream on (or ask the presence of) `room`?
+pub fn may_join(p: &Principal, room: &Room) -> Result<(), Denied> {
+    if p.is_publisher() {
+        return publisher_scope(p, room);
+    }
+    let tenant = user_tenant(p)?;
+    let deny = |reason| {
+        Err(Denied::Room {
+            room: room.to_string(),
+            reason,
+        })
+    };
+    if let Some(room_tenant) = room.tenant() {
+        if room_tenant != tenant {
+            return deny("the room belongs to another tenant");
+        }
+    }
+    match room {
+        Room::User(id) if *id == p.user_id => Ok(()),
+        Room::User(_) => deny("user rooms are only for their own user"),
+        Room::Tenant(_) => Ok(()),
+        Room::Project { project, .. } if p.projects.contains(project) || p.is_admin() => Ok(()),
+        Room::Project { .. } => deny("project not in the token's projects"),
+        Room::Channel { channel, .. } if p.channels.contains(channel) || p.is_admin() => Ok(()),
+        Room::Channel { .. } => deny("channel not in the token's channels"),
+    }
+}
+
+/// May this principal publish to `room`?
+pub fn may_publish(p: &Principal, room: &Room) -> Result<(), Denied> {
+    if !p.is_publisher() {
+        return Err(Denied::NotPublisher);
+    }
+    publisher_scope(p, room)
+}
+
+/// May this principal announce typing in `room`? Only channel rooms it may join.
+pub fn may_type(p: &Principal, room: &Room) -> Result<(), Denied> {
+    if !matches!(room, Room::Channel { .. }) {
+        return Err(Denied::Room {
+            room: room.to_string(),
+            reason: "typing is only for channel rooms",
+        });
+    }
+    may_join(p, room)
+}
+
+/// The tenant of a user token, after the checks every user call needs.
+fn user_tenant(p: &Principal) -> Result<&str, Denied> {
+    if !p.email_verified {
+        return Err(Denied::EmailNotVerified);
+    }
+    p.tenant.as_deref().ok_or(Denied::NoTenant)
+}
+
+fn publisher_scope(p: &Principal, room: &Room) -> Result<(), Denied> {
+    match (&p.tenant, room.tenant()) {
+        (Some(own), Some(other)) if own != other => Err(Denied::Room {
+            room: room.to_string(),
+            reason: "the publisher token is confined to another tenant",
+        }),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    fn user(roles: &[&str]) -> Principal {
+        Principal {
+            user_id: "u1".into(),
+            tenant: Some("t1".into()),
+            email_verified: true,
+            projects: ["p1".to_owned()].into(),
+            channels: ["c1".to_owned()].into(),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            valid_until: SystemTime::now(),
+        }
+    }
+
+    fn room(s: &str) -> Room {
+        Room::parse(s).unwrap()
+    }
+
+    #[test]
+    fn users_join_their_own_rooms_only() {
+        let p = user(&[]);
+        for ok in [
+            "user:u1",
+            "tenant:t1",
+            "tenant:t1:project:p1",
+            "tenant:t1:channel:c1",
+        ] {
+            assert_eq!(may_join(&p, &room(ok)), Ok(()), "{ok}");
+        }
+        for denied in [
+            "user:u2",
+            "tenant:t2",
+            "tenant:t1:project:p2",
+            "tenant:t1:channel:c2",
+            "tenant:t2:project:p1",
+            "tenant:t2:channel:c1",
+        ] {
+            assert!(may_join(&p, &room(denied)).is_err(), "{denied}");
+        }
+    }
+
+    #[test]
+    fn admins_join_every_room_of_their_tenant_only() {
+        let p = user(&["admin"]);
+        assert_eq!(may_join(&p, &room("tenant:t1:project:p9")), Ok(()));
+        assert_eq!(may_join(&p, &room("tenant:t1:channel:c9")), Ok(()));
+        assert!(may_join(&p, &room("tenant:t2:project:p1")).is_err());
+        assert!(may_join(&p, &room("user:u2")).is_err());
+    }
+
+    #[test]
+    fn unverified_or_tenantless_users_are_refused() {
+        let mut p = user(&[]);
+        p.email_verified = false;
+        assert_eq!(
+            may_join(&p, &room("user:u1")),
+            Err(Denied::EmailNotVerified)
+        );
+        let mut p = user(&[]);
+        p.tenant = None;
+        assert_eq!(may_join(&p, &room("user:u1")), Err(Denied::NoTenant));
+    }
+
+    #[test]
+    fn publishers_publish_anywhere_in_their_scope() {
+        let mut svc = user(&["publisher"]);
+        svc.tenant = None;
+        svc.email_verified = false;
+        assert_eq!(may_publish(&svc, &room("tenant:t9:project:x")), Ok(()));
+        assert_eq!(may_join(&svc, &room("user:u7")), Ok(()));
+        svc.tenant = Some("t1".into());
+        assert!(may_publish(&svc, &room("tenant:t9")).is_err());
+        assert_eq!(may_publish(&svc, &room("user:u7")), Ok(()));
+        assert_eq!(
+            may_publish(&user(&[]), &room("tenant:t1")),
+            Err(Denied::NotPublisher)
+        );
+    }
+
+    #[test]
+    fn typing_only_in_joinable_channels() {
+        let p = user(&[]);
+        assert_eq!(may_type(&p, &room("tenant:t1:channel:c1")), Ok(()));
+        assert!(may_type(&p, &room("tenant:t1:channel:c2")).is_err());
+        assert!(may_type(&p, &room("tenant:t1")).is_err());
+    }
+}

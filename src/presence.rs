@@ -1,0 +1,172 @@
+//! Presence: who is connected to which room, and the ONLINE/OFFLINE statuses derived from it.
+//!
+//! A *connection* is one open `Subscribe` stream of a user; a user is online while at least one of their
+//! connections is open anywhere. Services (role `publisher`) are not counted. [`PresenceTable`] is the
+//! in-process bookkeeping; a distributed bus keeps the same counts in its own store.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::proto::v1::{event::Payload, user_status, Event, UserStatus};
+use crate::rooms::Room;
+
+/// `publisher_id` of the statuses the server itself publishes.
+pub const SYSTEM_PUBLISHER: &str = "lamplight";
+
+/// One connection of one user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// The user (`sub`).
+    pub user_id: String,
+    /// The user's tenant: where their ONLINE/OFFLINE statuses go.
+    pub tenant: String,
+    /// Unique per connection on this node.
+    pub connection_id: u64,
+}
+
+/// Who is in a room.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PresenceSnapshot {
+    /// Distinct users, sorted.
+    pub user_ids: Vec<String>,
+    /// Open connections (a user with two tabs counts twice).
+    pub connections: u32,
+}
+
+/// A status change to publish after [`PresenceTable::connect`] or [`PresenceTable::disconnect`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transition {
+    /// The user's first connection opened.
+    Online,
+    /// The user's last connection closed.
+    Offline,
+    /// Nothing to announce.
+    None,
+}
+
+/// In-process presence counts. Not synchronised: the owner wraps it in a lock.
+#[derive(Debug, Default)]
+pub struct PresenceTable {
+    /// room -> user -> open connections.
+    rooms: HashMap<String, BTreeMap<String, u32>>,
+    /// (tenant, user) -> open connections.
+    users: HashMap<(String, String), u32>,
+}
+
+impl PresenceTable {
+    /// Counts a new connection of `member` in `rooms`.
+    pub fn connect(&mut self, member: &Member, rooms: &[String]) -> Transition {
+        for room in rooms {
+            *self
+                .rooms
+                .entry(room.clone())
+                .or_default()
+                .entry(member.user_id.clone())
+                .or_default() += 1;
+        }
+        let count = self
+            .users
+            .entry((member.tenant.clone(), member.user_id.clone()))
+            .or_default();
+        *count += 1;
+        if *count == 1 {
+            Transition::Online
+        } else {
+            Transition::None
+        }
+    }
+
+    /// Removes a connection counted by [`Self::connect`] with the same arguments.
+    pub fn disconnect(&mut self, member: &Member, rooms: &[String]) -> Transition {
+        for room in rooms {
+            if let Some(users) = self.rooms.get_mut(room) {
+                if let Some(n) = users.get_mut(&member.user_id) {
+                    *n -= 1;
+                    if *n == 0 {
+                        users.remove(&member.user_id);
+                    }
+                }
+                if users.is_empty() {
+                    self.rooms.remove(room);
+                }
+            }
+        }
+        let key = (member.tenant.clone(), member.user_id.clone());
+        match self.users.get_mut(&key) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                Transition::None
+            }
+            Some(_) => {
+                self.users.remove(&key);
+                Transition::Offline
+            }
+            None => Transition::None,
+        }
+    }
+
+    /// Who is in `room`.
+    pub fn snapshot(&self, room: &str) -> PresenceSnapshot {
+        self.rooms
+            .get(room)
+            .map(|users| PresenceSnapshot {
+                user_ids: users.keys().cloned().collect(),
+                connections: users.values().sum(),
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// The `user.online` / `user.offline` event for `member`, addressed to their tenant room.
+pub fn status_event(member: &Member, online: bool) -> Event {
+    let (kind, status) = if online {
+        ("user.online", user_status::Status::Online)
+    } else {
+        ("user.offline", user_status::Status::Offline)
+    };
+    Event {
+        room: Room::tenant_room(&member.tenant),
+        r#type: kind.to_owned(),
+        time: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+        publisher_id: SYSTEM_PUBLISHER.to_owned(),
+        payload: Some(Payload::UserStatus(UserStatus {
+            user_id: member.user_id.clone(),
+            status: status as i32,
+        })),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(user: &str, conn: u64) -> Member {
+        Member {
+            user_id: user.into(),
+            tenant: "t1".into(),
+            connection_id: conn,
+        }
+    }
+
+    #[test]
+    fn counts_users_and_connections_and_reports_transitions() {
+        let mut t = PresenceTable::default();
+        let rooms = vec!["tenant:t1".to_owned()];
+        assert_eq!(t.connect(&member("u1", 1), &rooms), Transition::Online);
+        assert_eq!(t.connect(&member("u1", 2), &rooms), Transition::None);
+        assert_eq!(t.connect(&member("u2", 3), &rooms), Transition::Online);
+        assert_eq!(
+            t.snapshot("tenant:t1"),
+            PresenceSnapshot {
+                user_ids: vec!["u1".into(), "u2".into()],
+                connections: 3
+            }
+        );
+        assert_eq!(t.disconnect(&member("u1", 1), &rooms), Transition::None);
+        assert_eq!(t.disconnect(&member("u1", 2), &rooms), Transition::Offline);
+        assert_eq!(t.snapshot("tenant:t1").user_ids, vec!["u2".to_owned()]);
+        assert_eq!(t.disconnect(&member("u2", 3), &rooms), Transition::Offline);
+        assert_eq!(t.snapshot("tenant:t1"), PresenceSnapshot::default());
+        assert!(t.rooms.is_empty() && t.users.is_empty());
+    }
+}

@@ -1,0 +1,155 @@
+//! Assembles the server: bus, auth, the gRPC services and the middleware stack, on one port.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue};
+use http::Method;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::auth::{self, KeyError, Verifier};
+use crate::bus::memory::MemoryBus;
+use crate::bus::Bus;
+use crate::config::Config;
+use crate::proto::server::event_service_server::EventServiceServer;
+use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::service::{EventApi, Limits};
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A JWT key could not be loaded.
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    /// A CORS origin is not a valid header value.
+    #[error("invalid CORS origin {0:?}")]
+    CorsOrigin(String),
+    /// Reflection could not read the descriptor set.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Runs lamplight on `listener` until `shutdown` is cancelled, then ends every open stream with
+/// `UNAVAILABLE` (naming the last ids, so clients resume elsewhere) and returns once they are closed, or
+/// after `config.shutdown_grace_secs` at the latest.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let verifier = Arc::new(Verifier::from_config(&config.jwt)?);
+    if config.jwt.uses_dev_secret() {
+        tracing::warn!(
+            "no JWT key configured: using the built-in development secret; anyone can mint tokens. \
+             Set LAMPLIGHT_JWT_SECRET (or a key file) in production"
+        );
+    }
+    let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new(
+        config.history_size,
+        Duration::from_secs(config.history_ttl_secs),
+    ));
+    let api = EventApi::new(
+        bus.clone(),
+        Limits::from_config(&config),
+        config.typing_per_sec,
+        shutdown.clone(),
+    );
+    // Bigger than the event limit, so an oversized event reaches our check and gets INVALID_ARGUMENT with
+    // the limit named, instead of a transport error.
+    let decode_limit = config
+        .max_event_bytes
+        .saturating_mul(2)
+        .saturating_add(4096);
+    let events = InterceptedService::new(
+        EventServiceServer::new(api).max_decoding_message_size(decode_limit),
+        auth::Interceptor::new(verifier),
+    );
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<EventServiceServer<EventApi>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let cors = cors_layer(&config.cors_origins)?;
+    let addr = listener.local_addr().ok();
+    tracing::info!(
+        ?addr,
+        bus = bus.name(),
+        "lamplight listening (gRPC + grpc-web)"
+    );
+
+    // Middleware, outermost first: trace -> CORS -> grpc-web -> (auth interceptor) -> services.
+    let layers = tower::ServiceBuilder::new()
+        .layer(tower_http::trace::TraceLayer::new_for_grpc())
+        .layer(cors)
+        .layer(tonic_web::GrpcWebLayer::new());
+    let router = tonic::transport::Server::builder()
+        .accept_http1(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .layer(layers)
+        .add_service(events)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let stopping = shutdown.clone();
+    let health_on_stop = health.clone();
+    let server = router.serve_with_incoming_shutdown(incoming, async move {
+        stopping.cancelled().await;
+        health_on_stop
+            .set_not_serving::<EventServiceServer<EventApi>>()
+            .await;
+        tracing::info!("shutting down: ending open streams");
+    });
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    tokio::select! {
+        result = server => result?,
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "connections still open after the grace period; exiting anyway");
+        }
+    }
+    Ok(())
+}
+
+/// CORS for browsers (grpc-web): only listed origins, and the grpc headers exposed so a client can read a
+/// status sent as headers.
+fn cors_layer(origins: &[String]) -> Result<CorsLayer, ServeError> {
+    let origins = origins
+        .iter()
+        .map(|o| o.trim())
+        .filter(|o| !o.is_empty())
+        .map(|o| HeaderValue::from_str(o).map_err(|_| ServeError::CorsOrigin(o.to_owned())))
+        .collect::<Result<Vec<_>, _>>()?;
+    let header = HeaderName::from_static;
+    Ok(CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([Method::POST, Method::OPTIONS])
+        .allow_headers([
+            header("content-type"),
+            header("x-grpc-web"),
+            header("x-user-agent"),
+            header("grpc-timeout"),
+            header("authorization"),
+        ])
+        .expose_headers([
+            header("grpc-status"),
+            header("grpc-message"),
+            header("grpc-status-details-bin"),
+            header(crate::error::RESUME_METADATA_KEY),
+        ])
+        .max_age(Duration::from_secs(24 * 3600)))
+}

@@ -1,0 +1,251 @@
+//! The `lamplight.v1.EventService` implementation: request validation, policy checks, and calls into the
+//! [`Bus`]. It never knows which bus is running. Authentication already happened (see [`crate::auth`]).
+
+mod subscribe;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use prost::Message as _;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::auth::{self, Principal};
+use crate::bus::Bus;
+use crate::config::Config;
+use crate::error::ServiceError;
+use crate::policy;
+use crate::proto::server::event_service_server::EventService;
+use crate::proto::v1::{
+    event::Payload, Event, GetPresenceRequest, GetPresenceResponse, PublishRequest,
+    PublishResponse, SetTypingRequest, SetTypingResponse, SubscribeRequest, Typing,
+};
+use crate::ratelimit::RateLimiter;
+use crate::rooms::Room;
+
+/// Longest event `type` accepted.
+pub const MAX_TYPE_LEN: usize = 128;
+/// Longest idempotency key accepted.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
+/// Room of the longest id the bus may assign, reserved when checking an event against the size limit.
+const ID_RESERVE: usize = 48;
+
+/// Limits and timings the service enforces (from [`Config`]).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Maximum rooms in one `Subscribe`.
+    pub max_rooms_per_subscribe: usize,
+    /// Maximum encoded event size.
+    pub max_event_bytes: usize,
+    /// Per-stream queue, in events.
+    pub stream_queue: usize,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+}
+
+impl Limits {
+    /// The limits in `config`.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            max_rooms_per_subscribe: config.max_rooms_per_subscribe,
+            max_event_bytes: config.max_event_bytes,
+            stream_queue: config.stream_queue,
+            heartbeat: config.heartbeat(),
+        }
+    }
+}
+
+/// The gRPC service. Cheap to clone; all clones share state.
+#[derive(Clone)]
+pub struct EventApi {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    bus: Arc<dyn Bus>,
+    limits: Limits,
+    typing: RateLimiter,
+    shutdown: CancellationToken,
+    next_connection: AtomicU64,
+}
+
+impl EventApi {
+    /// A service over `bus`. Open streams end with `UNAVAILABLE` when `shutdown` is cancelled.
+    pub fn new(
+        bus: Arc<dyn Bus>,
+        limits: Limits,
+        typing_per_sec: u32,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                bus,
+                limits,
+                typing: RateLimiter::new(typing_per_sec),
+                shutdown,
+                next_connection: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    async fn publish(&self, p: &Principal, req: PublishRequest) -> Result<String, ServiceError> {
+        let mut event = req
+            .event
+            .ok_or_else(|| ServiceError::InvalidArgument("event is required".into()))?;
+        let room = Room::parse(&event.room)?;
+        policy::may_publish(p, &room)?;
+        validate_type(&event.r#type)?;
+        if req.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+            return Err(ServiceError::InvalidArgument(format!(
+                "idempotency_key is {} bytes; the limit is {MAX_IDEMPOTENCY_KEY_LEN}",
+                req.idempotency_key.len()
+            )));
+        }
+        event.id.clear();
+        event.time = Some(prost_types::Timestamp::from(SystemTime::now()));
+        event.publisher_id = p.user_id.clone();
+        self.check_size(&event)?;
+        // Keys are per publisher: two services cannot collide on each other's keys.
+        let key = (!req.idempotency_key.is_empty())
+            .then(|| format!("{}\n{}", p.user_id, req.idempotency_key));
+        Ok(self.inner.bus.publish(event, key).await?)
+    }
+
+    fn check_size(&self, event: &Event) -> Result<(), ServiceError> {
+        let size = event.encoded_len() + ID_RESERVE;
+        let limit = self.inner.limits.max_event_bytes;
+        if size > limit {
+            return Err(ServiceError::InvalidArgument(format!(
+                "event is {size} bytes encoded; the limit is {limit} (--max-event-bytes)"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn set_typing(&self, p: &Principal, req: SetTypingRequest) -> Result<(), ServiceError> {
+        let room = Room::parse(&req.channel_room)?;
+        policy::may_type(p, &room)?;
+        let Room::Channel { channel, .. } = &room else {
+            unreachable!("may_type admits channel rooms only")
+        };
+        if !self.inner.typing.try_acquire(&p.user_id) {
+            return Err(ServiceError::RateLimited(
+                "too many SetTyping calls: slow down (a few per second per user)".into(),
+            ));
+        }
+        let event = Event {
+            room: req.channel_room.clone(),
+            r#type: "typing".into(),
+            time: Some(prost_types::Timestamp::from(SystemTime::now())),
+            publisher_id: p.user_id.clone(),
+            payload: Some(Payload::Typing(Typing {
+                channel_id: channel.clone(),
+                user_id: p.user_id.clone(),
+                is_typing: req.is_typing,
+            })),
+            ..Default::default()
+        };
+        self.inner.bus.publish(event, None).await?;
+        Ok(())
+    }
+
+    async fn presence(
+        &self,
+        p: &Principal,
+        req: GetPresenceRequest,
+    ) -> Result<GetPresenceResponse, ServiceError> {
+        let room = Room::parse(&req.room)?;
+        policy::may_join(p, &room)?;
+        let snapshot = self.inner.bus.presence(&req.room).await?;
+        Ok(GetPresenceResponse {
+            user_count: u32::try_from(snapshot.user_ids.len()).unwrap_or(u32::MAX),
+            connection_count: snapshot.connections,
+            user_ids: snapshot.user_ids,
+        })
+    }
+}
+
+/// Event types are dotted names: `task.created`, `message.deleted`, `typing`.
+fn validate_type(kind: &str) -> Result<(), ServiceError> {
+    let ok = !kind.is_empty()
+        && kind.len() <= MAX_TYPE_LEN
+        && kind.split('.').all(|part| {
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(ServiceError::InvalidArgument(format!(
+            "invalid event type {:?}: expected a dotted name such as task.created (1-{MAX_TYPE_LEN} characters [A-Za-z0-9_-] and dots)",
+            kind.chars().take(MAX_TYPE_LEN).collect::<String>()
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl EventService for EventApi {
+    type SubscribeStream = subscribe::SubscribeStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let principal = auth::principal(&request)?;
+        let stream = self.open_stream(principal, request.into_inner()).await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn publish(
+        &self,
+        request: Request<PublishRequest>,
+    ) -> Result<Response<PublishResponse>, Status> {
+        let principal = auth::principal(&request)?;
+        let id = EventApi::publish(self, &principal, request.into_inner()).await?;
+        Ok(Response::new(PublishResponse { id }))
+    }
+
+    async fn set_typing(
+        &self,
+        request: Request<SetTypingRequest>,
+    ) -> Result<Response<SetTypingResponse>, Status> {
+        let principal = auth::principal(&request)?;
+        EventApi::set_typing(self, &principal, request.into_inner()).await?;
+        Ok(Response::new(SetTypingResponse {}))
+    }
+
+    async fn get_presence(
+        &self,
+        request: Request<GetPresenceRequest>,
+    ) -> Result<Response<GetPresenceResponse>, Status> {
+        let principal = auth::principal(&request)?;
+        let response = self.presence(&principal, request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_types_are_dotted_names() {
+        for ok in ["task.created", "typing", "a.b-c.d_e", "X1"] {
+            assert!(validate_type(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "task.",
+            ".task",
+            "task..created",
+            "task created",
+            "tâche",
+        ] {
+            assert!(validate_type(bad).is_err(), "{bad:?}");
+        }
+    }
+}
