@@ -21,7 +21,7 @@ pub const DEFAULT_HEARTBEAT_SECS: u64 = 25;
 pub const DEFAULT_MAX_ROOMS_PER_SUBSCRIBE: usize = 64;
 /// Default maximum encoded size of one event.
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 64 * 1024;
-/// Default number of events a stream may fall behind in one room before it is ended.
+/// Default number of undelivered events queued for one stream before it is ended.
 pub const DEFAULT_STREAM_QUEUE: usize = 1024;
 /// Default JWT clock leeway.
 pub const DEFAULT_JWT_LEEWAY_SECS: u64 = 30;
@@ -120,8 +120,9 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(256..=16 * 1024 * 1024).map(|v| v as usize))]
     pub max_event_bytes: usize,
 
-    /// Events a stream may fall behind in one room. Past it the stream ends with RESOURCE_EXHAUSTED naming
-    /// the last event id delivered per room; publishers and other streams never wait for it.
+    /// Events queued for one stream (all its rooms together) that it has not taken yet. Past it the stream
+    /// ends with RESOURCE_EXHAUSTED naming the last event id delivered per room; publishers and other
+    /// streams never wait for it.
     #[arg(long, env = "LAMPLIGHT_STREAM_QUEUE", default_value_t = DEFAULT_STREAM_QUEUE,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000).map(|v| v as usize))]
     pub stream_queue: usize,

@@ -191,3 +191,160 @@ pub async fn next_non_heartbeat(
         }
     }
 }
+
+// ---- Helpers for the auth, rooms and presence/typing tests. ----
+
+/// Asserts that `result` failed with `code` and a message containing every one of `needles`, and returns
+/// the status for further checks.
+pub fn expect_status<T>(
+    result: Result<T, tonic::Status>,
+    code: tonic::Code,
+    needles: &[&str],
+) -> tonic::Status {
+    let status = match result {
+        Ok(_) => panic!("expected {code:?} with {needles:?}, but the call succeeded"),
+        Err(status) => status,
+    };
+    assert_eq!(status.code(), code, "wrong code; message: {:?}", status.message());
+    for needle in needles {
+        assert!(
+            status.message().contains(needle),
+            "message {:?} should contain {needle:?}",
+            status.message()
+        );
+    }
+    status
+}
+
+/// Path of a key fixture in `tests/keys/` (test-only keys).
+pub fn key_file(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/keys")
+        .join(name)
+}
+
+impl TestServer {
+    /// An `EventService` client that sends `authorization` metadata verbatim, or none at all for `None`.
+    pub async fn client_with_authorization(&self, authorization: Option<&str>) -> Client {
+        let header: Option<MetadataValue<_>> = authorization.map(|v| v.parse().unwrap());
+        EventServiceClient::with_interceptor(
+            self.channel().await,
+            Box::new(move |mut req: tonic::Request<()>| {
+                if let Some(header) = &header {
+                    req.metadata_mut().insert("authorization", header.clone());
+                }
+                Ok(req)
+            }),
+        )
+    }
+}
+
+/// A `task.created` event for `room` carrying task `task_id`.
+pub fn task_event(room: &str, task_id: &str) -> lamplight::proto::v1::Event {
+    lamplight::proto::v1::Event {
+        room: room.into(),
+        r#type: "task.created".into(),
+        payload: Some(lamplight::proto::v1::event::Payload::Task(
+            lamplight::proto::v1::Task {
+                id: task_id.into(),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+/// Publishes [`task_event`] and returns its id.
+pub async fn publish_task(
+    client: &mut Client,
+    room: &str,
+    task_id: &str,
+) -> Result<String, tonic::Status> {
+    let req = lamplight::proto::v1::PublishRequest {
+        event: Some(task_event(room, task_id)),
+        idempotency_key: String::new(),
+    };
+    Ok(client.publish(req).await?.into_inner().id)
+}
+
+/// The next event of a stream (heartbeats skipped); panics on anything else.
+pub async fn next_event(stream: &mut Streaming<SubscribeResponse>) -> lamplight::proto::v1::Event {
+    match next_non_heartbeat(stream).await {
+        Ok(Kind::Event(event)) => event,
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
+/// `GetPresence` of `room`.
+pub async fn get_presence(
+    client: &mut Client,
+    room: &str,
+) -> Result<lamplight::proto::v1::GetPresenceResponse, tonic::Status> {
+    let req = lamplight::proto::v1::GetPresenceRequest { room: room.into() };
+    Ok(client.get_presence(req).await?.into_inner())
+}
+
+// ---- delivery helpers (tests/delivery.rs, tests/streams.rs, tests/shutdown.rs) ----
+
+/// A `task.created` event for `room` whose task id is `task_id` (id, time and publisher are left to the
+/// server).
+pub fn task_event(room: &str, task_id: &str) -> lamplight::proto::v1::Event {
+    lamplight::proto::v1::Event {
+        room: room.into(),
+        r#type: "task.created".into(),
+        payload: Some(lamplight::proto::v1::event::Payload::Task(
+            lamplight::proto::v1::Task {
+                id: task_id.into(),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+/// Publishes `event` (failing the test after 10 s) and returns the id the server assigned.
+pub async fn publish_event(client: &mut Client, event: lamplight::proto::v1::Event) -> String {
+    let req = lamplight::proto::v1::PublishRequest {
+        event: Some(event),
+        idempotency_key: String::new(),
+    };
+    tokio::time::timeout(Duration::from_secs(10), client.publish(req))
+        .await
+        .expect("publish did not complete within 10 s")
+        .expect("publish failed")
+        .into_inner()
+        .id
+}
+
+/// The next non-heartbeat message, which must be an event.
+pub async fn next_event(stream: &mut Streaming<SubscribeResponse>) -> lamplight::proto::v1::Event {
+    match next_non_heartbeat(stream).await {
+        Ok(Kind::Event(e)) => e,
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
+/// Reads messages (skipping heartbeats) until the stream ends with a status; returns the events read on
+/// the way and that status.
+pub async fn drain_until_status(
+    stream: &mut Streaming<SubscribeResponse>,
+) -> (Vec<lamplight::proto::v1::Event>, tonic::Status) {
+    let mut events = Vec::new();
+    loop {
+        match next_non_heartbeat(stream).await {
+            Ok(Kind::Event(e)) => events.push(e),
+            Ok(other) => panic!("unexpected message before the end of the stream: {other:?}"),
+            Err(status) => return (events, status),
+        }
+    }
+}
+
+/// The resume position (`lamplight-resume-since` trailer: room -> last event id delivered) of a status
+/// that ended a stream.
+pub fn resume_since(status: &tonic::Status) -> std::collections::BTreeMap<String, String> {
+    let value = status
+        .metadata()
+        .get(lamplight::error::RESUME_METADATA_KEY)
+        .unwrap_or_else(|| panic!("no {} metadata in {status:?}", lamplight::error::RESUME_METADATA_KEY));
+    serde_json::from_str(value.to_str().expect("ASCII metadata")).expect("JSON object room -> id")
+}
