@@ -275,8 +275,12 @@ impl Bus for MemoryBus {
                     .collect(),
             ),
         };
+        // A room without events still gets a position, so a client that saw nothing can resume from here.
+        let last_event_id = st.last_id.clone().unwrap_or_else(|| {
+            format!("{}-{}", self.inner.epoch, self.inner.seq.load(Ordering::Acquire))
+        });
         Ok(RoomFeed {
-            last_event_id: st.last_id.clone().unwrap_or_default(),
+            last_event_id,
             recovery,
             replay,
             skip_through: None,

@@ -90,7 +90,8 @@ pub type Lease = Box<dyn Send + Sync>;
 
 /// A stream's view of one room, returned by [`Bus::subscribe`].
 pub struct RoomFeed {
-    /// The newest event id of the room after the replay ("" if none).
+    /// The room's position after the replay: its newest event id, or, for a room without events, a
+    /// position id that is just as valid as `since`. Never empty.
     pub last_event_id: String,
     /// Whether `since` was honoured.
     pub recovery: Recovery,

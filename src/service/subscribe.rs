@@ -49,7 +49,11 @@ impl EventApi {
         let mut position: BTreeMap<String, String> = BTreeMap::new();
         let mut skip: HashMap<Arc<str>, Position> = HashMap::new();
         for room in &rooms {
-            let since = req.since.get(room).map(String::as_str);
+            let since = req
+                .since
+                .get(room)
+                .map(String::as_str)
+                .filter(|id| !id.is_empty());
             let feed = inner.bus.subscribe(room, since, &sink).await?;
             let recovered = feed.recovery == Recovery::Recovered;
             if let Recovery::Reset(reason) = &feed.recovery {
