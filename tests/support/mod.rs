@@ -205,7 +205,12 @@ pub fn expect_status<T>(
         Ok(_) => panic!("expected {code:?} with {needles:?}, but the call succeeded"),
         Err(status) => status,
     };
-    assert_eq!(status.code(), code, "wrong code; message: {:?}", status.message());
+    assert_eq!(
+        status.code(),
+        code,
+        "wrong code; message: {:?}",
+        status.message()
+    );
     for needle in needles {
         assert!(
             status.message().contains(needle),
@@ -239,22 +244,7 @@ impl TestServer {
     }
 }
 
-/// A `task.created` event for `room` carrying task `task_id`.
-pub fn task_event(room: &str, task_id: &str) -> lamplight::proto::v1::Event {
-    lamplight::proto::v1::Event {
-        room: room.into(),
-        r#type: "task.created".into(),
-        payload: Some(lamplight::proto::v1::event::Payload::Task(
-            lamplight::proto::v1::Task {
-                id: task_id.into(),
-                ..Default::default()
-            },
-        )),
-        ..Default::default()
-    }
-}
-
-/// Publishes [`task_event`] and returns its id.
+/// Publishes [`task_event`] (defined with the delivery helpers below) and returns its id.
 pub async fn publish_task(
     client: &mut Client,
     room: &str,
@@ -265,14 +255,6 @@ pub async fn publish_task(
         idempotency_key: String::new(),
     };
     Ok(client.publish(req).await?.into_inner().id)
-}
-
-/// The next event of a stream (heartbeats skipped); panics on anything else.
-pub async fn next_event(stream: &mut Streaming<SubscribeResponse>) -> lamplight::proto::v1::Event {
-    match next_non_heartbeat(stream).await {
-        Ok(Kind::Event(event)) => event,
-        other => panic!("expected an event, got {other:?}"),
-    }
 }
 
 /// `GetPresence` of `room`.
@@ -345,6 +327,11 @@ pub fn resume_since(status: &tonic::Status) -> std::collections::BTreeMap<String
     let value = status
         .metadata()
         .get(lamplight::error::RESUME_METADATA_KEY)
-        .unwrap_or_else(|| panic!("no {} metadata in {status:?}", lamplight::error::RESUME_METADATA_KEY));
+        .unwrap_or_else(|| {
+            panic!(
+                "no {} metadata in {status:?}",
+                lamplight::error::RESUME_METADATA_KEY
+            )
+        });
     serde_json::from_str(value.to_str().expect("ASCII metadata")).expect("JSON object room -> id")
 }
