@@ -277,7 +277,11 @@ impl Bus for MemoryBus {
         };
         // A room without events still gets a position, so a client that saw nothing can resume from here.
         let last_event_id = st.last_id.clone().unwrap_or_else(|| {
-            format!("{}-{}", self.inner.epoch, self.inner.seq.load(Ordering::Acquire))
+            format!(
+                "{}-{}",
+                self.inner.epoch,
+                self.inner.seq.load(Ordering::Acquire)
+            )
         });
         Ok(RoomFeed {
             last_event_id,
