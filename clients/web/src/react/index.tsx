@@ -1,0 +1,483 @@
+/**
+ * React bindings: `<LamplightProvider>`, `useLamplight()`, `useRoom()`, `useRealTimeUpdates()`,
+ * `useTyping()`, `usePresence()` and `<ConnectionStatus/>`, the replacements for the seed's SocketContext,
+ * useRealTimeUpdates and ConnectionStatus.
+ *
+ * Needs `react` (18+) and `@tanstack/react-query` (5+) installed (optional peers of the core client);
+ * a `QueryClientProvider` is optional: without one, `useRealTimeUpdates` just calls the handlers.
+ */
+
+import { QueryClientContext, type QueryClient, type QueryKey } from "@tanstack/react-query";
+import {
+  createContext,
+  useCallback,
+  useContext,
+  useEffect,
+  useMemo,
+  useRef,
+  useState,
+  useSyncExternalStore,
+  type CSSProperties,
+  type ReactNode,
+} from "react";
+
+import { createLamplight, type Lamplight, type LamplightOptions, type Presence, type ResetNotice } from "../client.js";
+import { JoinCancelledError } from "../errors.js";
+import {
+  UserStatus_Status,
+  type Bug,
+  type Event,
+  type Feature,
+  type Message,
+  type Notification,
+  type Task,
+} from "../gen/lamplight/v1/events_pb.js";
+import { channelRoom, parseRoom, projectRoom, tenantRoom, userRoom } from "../rooms.js";
+import type { ConnectionState } from "../state.js";
+import type { Identity } from "../token.js";
+
+const LamplightContext = createContext<Lamplight | null>(null);
+
+/** Props of {@link LamplightProvider}: either a client, or the options to create one. */
+export type LamplightProviderProps =
+  | { client: Lamplight; children?: ReactNode }
+  | ({ client?: undefined; children?: ReactNode } & LamplightOptions);
+
+/**
+ * Makes a client available to the hooks below it. Given options (`baseUrl`, `getToken`, ...), it creates
+ * the client once and closes it on unmount; given a `client`, it only provides it.
+ */
+export function LamplightProvider(props: LamplightProviderProps): ReactNode {
+  const { children } = props;
+  // Created without connecting: React may call this initializer twice and drop one result.
+  const [owned] = useState(() =>
+    props.client ? undefined : createLamplight({ ...(props as LamplightOptions), autoConnect: false }),
+  );
+  const client = props.client ?? owned!;
+  useEffect(() => {
+    if (!owned) return;
+    // Effects may run twice in development (StrictMode): closing keeps the joined rooms, connect resumes.
+    owned.connect();
+    return () => owned.close();
+  }, [owned]);
+  return <LamplightContext.Provider value={client}>{children}</LamplightContext.Provider>;
+}
+
+/** The client from the nearest provider. Throws when there is none. */
+export function useLamplightClient(): Lamplight {
+  const client = useContext(LamplightContext);
+  if (!client) throw new Error("lamplight hooks need a <LamplightProvider> above them");
+  return client;
+}
+
+/** What {@link useLamplight} returns. */
+export interface LamplightContextValue {
+  client: Lamplight;
+  state: ConnectionState;
+  isConnected: boolean;
+  error: Error | undefined;
+  identity: Identity | undefined;
+  join: (room: string) => Promise<void>;
+  leave: (room: string) => void;
+}
+
+function useClientValue<T>(client: Lamplight, events: ("state" | "identity" | "rooms" | "retry")[], read: () => T): T {
+  const subscribe = useCallback(
+    (onChange: () => void) => {
+      const offs = events.map((name) => client.on(name, onChange));
+      return () => offs.forEach((off) => off());
+    },
+    // eslint-disable-next-line react-hooks/exhaustive-deps
+    [client, events.join(",")],
+  );
+  return useSyncExternalStore(subscribe, read, read);
+}
+
+/** The client, its connection state (re-rendering on change) and identity: the seed's `useSocket`. */
+export function useLamplight(): LamplightContextValue {
+  const client = useLamplightClient();
+  const state = useClientValue(client, ["state"], () => client.state);
+  const error = useClientValue(client, ["state"], () => client.error);
+  const identity = useClientValue(client, ["identity"], () => client.identity);
+  return useMemo(
+    () => ({
+      client,
+      state,
+      isConnected: state === "connected",
+      error,
+      identity,
+      join: (room: string) => client.join(room),
+      leave: (room: string) => client.leave(room),
+    }),
+    [client, state, error, identity],
+  );
+}
+
+/** The tenant to build room names with: the option, else the token's `tid`. */
+function useTenant(client: Lamplight, tenantId: string | undefined): string | undefined {
+  const fromToken = useClientValue(client, ["identity"], () => client.identity?.tenantId);
+  return tenantId ?? fromToken;
+}
+
+/** State of one joined room. */
+export interface RoomStatus {
+  /** A stream carrying the room has been confirmed. */
+  joined: boolean;
+  /** The server refused the room (a `JoinError`), or the join failed otherwise. */
+  error: Error | undefined;
+}
+
+/** Joins `room` while mounted (no-op for `undefined`); reports refusal instead of throwing. */
+export function useRoom(room: string | undefined): RoomStatus {
+  const client = useLamplightClient();
+  const [status, setStatus] = useState<RoomStatus>({ joined: false, error: undefined });
+  useEffect(() => {
+    if (!room) return;
+    let live = true;
+    setStatus({ joined: false, error: undefined });
+    client.join(room).then(
+      () => live && setStatus({ joined: true, error: undefined }),
+      (error: Error) => {
+        if (live && !(error instanceof JoinCancelledError)) setStatus({ joined: false, error });
+      },
+    );
+    return () => {
+      live = false;
+      client.leave(room);
+    };
+  }, [client, room]);
+  return status;
+}
+
+type Handler<T> = (value: T, event: Event) => void;
+
+/** Options of {@link useRealTimeUpdates} (the seed's hook, same names). */
+export interface RealTimeUpdatesOptions {
+  /** Joins `tenant:{tid}:project:{projectId}` while mounted. */
+  projectId?: string;
+  /** Joins `tenant:{tid}:channel:{channelId}` while mounted. */
+  channelId?: string;
+  /** Tenant for the room names (default: the token's `tid`). */
+  tenantId?: string;
+  onTaskCreated?: Handler<Task>;
+  onTaskUpdated?: Handler<Task>;
+  onTaskDeleted?: Handler<Task>;
+  onBugCreated?: Handler<Bug>;
+  onBugUpdated?: Handler<Bug>;
+  onBugDeleted?: Handler<Bug>;
+  onFeatureCreated?: Handler<Feature>;
+  onFeatureUpdated?: Handler<Feature>;
+  onFeatureDeleted?: Handler<Feature>;
+  /** Any message event of the channel (`message.created`, `message.updated`, ...). */
+  onMessage?: Handler<Message>;
+  /** Notifications for the current user (from `user:{sub}`, joined automatically). */
+  onNotification?: Handler<Notification>;
+  /** Every event of this hook's rooms, after the specific handlers. */
+  onEvent?: (event: Event) => void;
+  /** Events of one of this hook's rooms were lost: refetch (queries are invalidated too, see below). */
+  onReset?: (reset: ResetNotice) => void;
+  /**
+   * Invalidate TanStack Query keys on events (default true; needs a `QueryClientProvider`). Keys:
+   * tasks `["tasks", projectId]` + `["task", id]`, bugs `["bugs", projectId]` + `["bug", id]`, features
+   * `["features", projectId]` + `["feature", id]`, messages `["messages", channelId]`, notifications
+   * `["notifications"]`; a `Reset` invalidates every list key of its room.
+   */
+  autoInvalidateQueries?: boolean;
+  /** Replaces the default keys above. */
+  queryKeysFor?: (event: Event) => QueryKey[];
+}
+
+/** What {@link useRealTimeUpdates} returns. */
+export interface RealTimeUpdates {
+  isConnected: boolean;
+  state: ConnectionState;
+  projectRoom: string | undefined;
+  channelRoom: string | undefined;
+  /** A refusal of the project or channel room. */
+  joinError: Error | undefined;
+}
+
+/** The default query keys an event invalidates (see {@link RealTimeUpdatesOptions.autoInvalidateQueries}). */
+export function defaultQueryKeys(event: Event): QueryKey[] {
+  const p = event.payload;
+  switch (p.case) {
+    case "task":
+      return [["tasks", p.value.projectId], ["task", p.value.id]];
+    case "bug":
+      return [["bugs", p.value.projectId], ["bug", p.value.id]];
+    case "feature":
+      return [["features", p.value.projectId], ["feature", p.value.id]];
+    case "message":
+      return [["messages", p.value.channelId]];
+    case "notification":
+      return [["notifications"]];
+    default:
+      return [];
+  }
+}
+
+function resetQueryKeys(room: string): QueryKey[] {
+  const r = parseRoom(room);
+  if (r?.kind === "project") return [["tasks", r.projectId], ["bugs", r.projectId], ["features", r.projectId]];
+  if (r?.kind === "channel") return [["messages", r.channelId]];
+  if (r?.kind === "user") return [["notifications"]];
+  return [];
+}
+
+/** `created` / `updated` / `deleted` from `task.created` etc. */
+function action(type: string): string {
+  return type.slice(type.lastIndexOf(".") + 1);
+}
+
+/**
+ * Subscribes a component to the real-time events of a project and/or channel, calls the handlers, and
+ * invalidates TanStack Query caches. Handlers may change on every render without re-subscribing.
+ */
+export function useRealTimeUpdates(options: RealTimeUpdatesOptions): RealTimeUpdates {
+  const client = useLamplightClient();
+  const { state } = useLamplight();
+  const tenant = useTenant(client, options.tenantId);
+  const project = tenant && options.projectId ? projectRoom(tenant, options.projectId) : undefined;
+  const channel = tenant && options.channelId ? channelRoom(tenant, options.channelId) : undefined;
+  const projectStatus = useRoom(project);
+  const channelStatus = useRoom(channel);
+  const queryClient = useContext(QueryClientContext) as QueryClient | undefined;
+  const latest = useRef(options);
+  latest.current = options;
+  const userId = useClientValue(client, ["identity"], () => client.identity?.userId);
+
+  useEffect(() => {
+    const mine = new Set([project, channel, userId ? userRoom(userId) : undefined].filter(Boolean) as string[]);
+    const invalidate = (keys: QueryKey[]) => {
+      if (!queryClient || latest.current.autoInvalidateQueries === false) return;
+      for (const queryKey of keys) void queryClient.invalidateQueries({ queryKey });
+    };
+    const offEvent = client.on("event", (event) => {
+      if (!mine.has(event.room)) return;
+      const o = latest.current;
+      const p = event.payload;
+      const act = action(event.type);
+      if (p.case === "task" && event.room === project) {
+        (act === "created" ? o.onTaskCreated : act === "deleted" ? o.onTaskDeleted : o.onTaskUpdated)?.(p.value, event);
+      } else if (p.case === "bug" && event.room === project) {
+        (act === "created" ? o.onBugCreated : act === "deleted" ? o.onBugDeleted : o.onBugUpdated)?.(p.value, event);
+      } else if (p.case === "feature" && event.room === project) {
+        (act === "created" ? o.onFeatureCreated : act === "deleted" ? o.onFeatureDeleted : o.onFeatureUpdated)?.(p.value, event);
+      } else if (p.case === "message" && event.room === channel) {
+        o.onMessage?.(p.value, event);
+      } else if (p.case === "notification") {
+        o.onNotification?.(p.value, event);
+      }
+      o.onEvent?.(event);
+      invalidate((o.queryKeysFor ?? defaultQueryKeys)(event));
+    });
+    const offReset = client.on("reset", (reset) => {
+      if (!mine.has(reset.room)) return;
+      latest.current.onReset?.(reset);
+      invalidate(resetQueryKeys(reset.room));
+    });
+    return () => {
+      offEvent();
+      offReset();
+    };
+  }, [client, project, channel, userId, queryClient]);
+
+  return {
+    isConnected: state === "connected",
+    state,
+    projectRoom: project,
+    channelRoom: channel,
+    joinError: projectStatus.error ?? channelStatus.error,
+  };
+}
+
+/** What {@link useTyping} returns. */
+export interface TypingState {
+  /** Other users typing in the channel now. */
+  typingUsers: string[];
+  /** Sets the current user's state explicitly (e.g. `false` after sending). */
+  setTyping: (isTyping: boolean) => void;
+  /** Call on every keystroke: throttled, and stops by itself after a pause. */
+  notifyTyping: () => void;
+  /** The channel room, once known. */
+  room: string | undefined;
+}
+
+/** Typing indicator of a channel: who else is typing, and the functions to announce our own typing. */
+export function useTyping(channelId: string | undefined, options: { tenantId?: string } = {}): TypingState {
+  const client = useLamplightClient();
+  const tenant = useTenant(client, options.tenantId);
+  const room = tenant && channelId ? channelRoom(tenant, channelId) : undefined;
+  useRoom(room);
+  const [typingUsers, setTypingUsers] = useState<string[]>(() => (room ? client.typingUsers(room) : []));
+  useEffect(() => {
+    if (!room) return;
+    setTypingUsers(client.typingUsers(room));
+    return client.on("typing", (t) => {
+      if (t.room === room) setTypingUsers(t.userIds);
+    });
+  }, [client, room]);
+  const setTyping = useCallback((isTyping: boolean) => room && client.setTyping(room, isTyping), [client, room]);
+  const notifyTyping = useCallback(() => room && client.setTyping(room, true), [client, room]);
+  return { typingUsers, setTyping, notifyTyping, room };
+}
+
+/** What {@link usePresence} returns. */
+export interface PresenceState extends Presence {
+  loading: boolean;
+  error: Error | undefined;
+  refresh: () => void;
+}
+
+/**
+ * Who is connected to `room` (e.g. `tenant:{tid}` for everyone online). Fetched when mounted, whenever
+ * the connection is (re-)established, every `refreshMs`, and when a user goes online or offline in the
+ * tenant; a tenant room's list is updated from those statuses at once.
+ */
+export function usePresence(room: string | undefined, options: { refreshMs?: number } = {}): PresenceState {
+  const client = useLamplightClient();
+  const { state } = useLamplight();
+  const refreshMs = options.refreshMs ?? 15_000;
+  const [presence, setPresence] = useState<Presence>({ userIds: [], userCount: 0, connectionCount: 0 });
+  const [loading, setLoading] = useState(true);
+  const [error, setError] = useState<Error | undefined>();
+  const [tick, setTick] = useState(0);
+  const refresh = useCallback(() => setTick((t) => t + 1), []);
+  const connected = state === "connected";
+
+  useEffect(() => {
+    if (!room || !connected) return;
+    let live = true;
+    client.getPresence(room).then(
+      (p) => {
+        if (!live) return;
+        setPresence(p);
+        setError(undefined);
+        setLoading(false);
+      },
+      (err: Error) => {
+        if (!live) return;
+        setError(err);
+        setLoading(false);
+      },
+    );
+    const timer = setTimeout(refresh, refreshMs);
+    return () => {
+      live = false;
+      clearTimeout(timer);
+    };
+  }, [client, room, connected, tick, refreshMs, refresh]);
+
+  useEffect(() => {
+    if (!room) return;
+    const parsed = parseRoom(room);
+    const tenant = parsed && parsed.kind !== "user" ? parsed.tenantId : undefined;
+    if (!tenant) return;
+    let pending: ReturnType<typeof setTimeout> | undefined;
+    const off = client.on("event", (event) => {
+      if (event.room !== tenantRoom(tenant) || event.payload.case !== "userStatus") return;
+      const { userId, status } = event.payload.value;
+      if (room === tenantRoom(tenant)) {
+        setPresence((p) => {
+          const ids = new Set(p.userIds);
+          if (status === UserStatus_Status.ONLINE) ids.add(userId);
+          else if (status === UserStatus_Status.OFFLINE) ids.delete(userId);
+          const userIds = [...ids].sort();
+          return { ...p, userIds, userCount: userIds.length };
+        });
+      }
+      // Confirm with the server shortly after (statuses can arrive in bursts).
+      if (pending) clearTimeout(pending);
+      pending = setTimeout(refresh, 300);
+    });
+    return () => {
+      off();
+      if (pending) clearTimeout(pending);
+    };
+  }, [client, room, refresh]);
+
+  return { ...presence, loading, error, refresh };
+}
+
+/** Props of {@link ConnectionStatus}. */
+export interface ConnectionStatusProps {
+  className?: string;
+  style?: CSSProperties;
+  /** Text per state (defaults in English). */
+  labels?: Partial<Record<Exclude<ConnectionState, "connected">, string>>;
+}
+
+const DEFAULT_LABELS: Record<Exclude<ConnectionState, "connected">, string> = {
+  connecting: "Connecting…",
+  reconnecting: "Reconnecting…",
+  disconnected: "Disconnected",
+  error: "Connection error",
+};
+
+const BASE_STYLE: CSSProperties = {
+  position: "fixed",
+  bottom: 16,
+  right: 16,
+  padding: "8px 14px",
+  borderRadius: 8,
+  font: "14px system-ui, sans-serif",
+  color: "#fff",
+  boxShadow: "0 4px 14px rgba(0,0,0,.2)",
+  zIndex: 1000,
+};
+
+const COLORS: Record<Exclude<ConnectionState, "connected">, string> = {
+  connecting: "#2563eb",
+  reconnecting: "#d97706",
+  disconnected: "#6b7280",
+  error: "#dc2626",
+};
+
+/** Seconds until the next retry, re-rendering every second while one is scheduled. */
+function useRetryCountdown(client: Lamplight): number | undefined {
+  const retryAt = useClientValue(client, ["retry", "state"], () => client.nextRetryAt);
+  const [now, setNow] = useState(() => Date.now());
+  useEffect(() => {
+    if (!retryAt) return;
+    setNow(Date.now());
+    const timer = setInterval(() => setNow(Date.now()), 1000);
+    return () => clearInterval(timer);
+  }, [retryAt]);
+  return retryAt ? Math.max(0, Math.ceil((retryAt - now) / 1000)) : undefined;
+}
+
+/**
+ * The connection indicator: hidden while connected (the normal state), as in the seed; otherwise says
+ * connecting, reconnecting (with the retry countdown), disconnected, or the error with a Retry button.
+ */
+export function ConnectionStatus({ className, style, labels }: ConnectionStatusProps): ReactNode {
+  const { client, state, error } = useLamplight();
+  const seconds = useRetryCountdown(client);
+  if (state === "connected") return null;
+  const text = { ...DEFAULT_LABELS, ...labels }[state];
+  return (
+    <div
+      role="status"
+      aria-live="polite"
+      data-lamplight-state={state}
+      className={className}
+      style={className ? style : { ...BASE_STYLE, background: COLORS[state], ...style }}
+    >
+      <span>{text}</span>
+      {state === "reconnecting" && seconds !== undefined && seconds > 0 ? <span> retrying in {seconds} s</span> : null}
+      {state === "error" && error ? <span title={error.message}> ({error.message})</span> : null}
+      {state === "error" || state === "disconnected" ? (
+        <button
+          type="button"
+          onClick={() => client.reconnect()}
+          style={{ marginLeft: 10, font: "inherit", cursor: "pointer", borderRadius: 6, border: "1px solid #fff8", background: "transparent", color: "inherit" }}
+        >
+          Retry
+        </button>
+      ) : null}
+    </div>
+  );
+}
+
+export type { Lamplight, LamplightOptions, Presence, ResetNotice } from "../client.js";
+export type { ConnectionState } from "../state.js";
