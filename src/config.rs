@@ -29,6 +29,11 @@ pub const DEFAULT_JWT_LEEWAY_SECS: u64 = 30;
 pub const DEFAULT_TYPING_PER_SEC: u32 = 5;
 /// Default time open streams get to end after SIGINT/SIGTERM before the process exits anyway.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 5;
+/// Default bound on each Redis call a request waits for (`--redis-timeout-ms`).
+pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 2000;
+/// Default lifetime of presence entries after a node's last heartbeat (`--redis-presence-ttl-secs`);
+/// nodes heartbeat every third of it, so the members of a node that died vanish within this.
+pub const DEFAULT_REDIS_PRESENCE_TTL_SECS: u64 = 45;
 /// The HS256 secret used when no key is configured, so `cargo run` works out of the box. Never use it in
 /// production: anyone can mint tokens with it. The server logs a warning when it is in use.
 pub const DEV_JWT_SECRET: &str = "lamplight-dev-secret";
@@ -77,6 +82,61 @@ impl JwtConfig {
             && self.jwt_secret_file.is_none()
             && self.jwt_public_key_file.is_none()
             && self.jwt_jwks_file.is_none()
+    }
+}
+
+/// The Redis bus. Without `--redis-url` the embedded in-memory bus runs (one node).
+#[derive(Clone, Debug, Args)]
+pub struct RedisConfig {
+    /// Redis to share rooms, history and presence with other nodes, e.g. `redis://127.0.0.1:6379/0`
+    /// (`rediss://` for TLS is not built in). With `--redis-cluster`, or `redis+cluster://` URLs, one or
+    /// more comma-separated seed nodes of a Redis Cluster (7+). Unset: the embedded bus, single node.
+    /// The server refuses to start when Redis cannot be reached.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// `--redis-url` names a Redis Cluster: sharded pub/sub (SSUBSCRIBE/SPUBLISH) and hash-tagged keys.
+    #[arg(long, env = "LAMPLIGHT_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
+
+    /// Longest wait for Redis in a request (publish, history read, presence), in milliseconds. A Redis
+    /// that refuses connections fails the call at once with UNAVAILABLE; one that does not answer, after
+    /// this. Also the deadline of the health probe's pub/sub round trip.
+    #[arg(long, env = "LAMPLIGHT_REDIS_TIMEOUT_MS", default_value_t = DEFAULT_REDIS_TIMEOUT_MS,
+          value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    pub redis_timeout_ms: u64,
+
+    /// Seconds the presence entries of a node outlive its last heartbeat (heartbeats every third of it):
+    /// the members of a node that dies without warning disappear within this.
+    #[arg(long, env = "LAMPLIGHT_REDIS_PRESENCE_TTL_SECS", default_value_t = DEFAULT_REDIS_PRESENCE_TTL_SECS,
+          value_parser = clap::value_parser!(u64).range(3..=60))]
+    pub redis_presence_ttl_secs: u64,
+
+    /// This node's id in presence entries (1-64 characters `[A-Za-z0-9_.-]`). Default: random per start.
+    #[arg(long, env = "LAMPLIGHT_REDIS_NODE_ID", value_parser = parse_node_id)]
+    pub redis_node_id: Option<String>,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            redis_cluster: false,
+            redis_timeout_ms: DEFAULT_REDIS_TIMEOUT_MS,
+            redis_presence_ttl_secs: DEFAULT_REDIS_PRESENCE_TTL_SECS,
+            redis_node_id: None,
+        }
+    }
+}
+
+fn parse_node_id(s: &str) -> Result<String, String> {
+    let ok = (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err("expected 1-64 characters [A-Za-z0-9_.-]".into())
     }
 }
 
@@ -136,9 +196,18 @@ pub struct Config {
     #[arg(long, env = "LAMPLIGHT_SHUTDOWN_GRACE_SECS", default_value_t = DEFAULT_SHUTDOWN_GRACE_SECS)]
     pub shutdown_grace_secs: u64,
 
+    /// The Redis bus (multi-node). Unset: the embedded bus.
+    #[command(flatten)]
+    pub redis: RedisConfig,
+
     /// Log format (filter with RUST_LOG, default `info`).
     #[arg(long, env = "LAMPLIGHT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
+
+    /// Serve Prometheus metrics (text format, any path) on this address, e.g. `127.0.0.1:9464`. Off unless
+    /// set. One per process.
+    #[arg(long, env = "LAMPLIGHT_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -160,6 +229,8 @@ impl Config {
             typing_per_sec: DEFAULT_TYPING_PER_SEC,
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
             log_format: LogFormat::Pretty,
+            metrics_listen: None,
+            redis: RedisConfig::default(),
         }
     }
 

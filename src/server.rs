@@ -13,7 +13,8 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::{self, KeyError, Verifier};
 use crate::bus::memory::MemoryBus;
-use crate::bus::Bus;
+use crate::bus::redis::{RedisBus, RedisOptions, Target};
+use crate::bus::{Bus, BusError};
 use crate::config::Config;
 use crate::proto::server::event_service_server::EventServiceServer;
 use crate::proto::FILE_DESCRIPTOR_SET;
@@ -28,6 +29,15 @@ pub enum ServeError {
     /// A CORS origin is not a valid header value.
     #[error("invalid CORS origin {0:?}")]
     CorsOrigin(String),
+    /// The metrics endpoint could not start.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+    /// `--redis-url` is not usable.
+    #[error("invalid --redis-url: {0}")]
+    RedisUrl(String),
+    /// The bus could not start (e.g. Redis unreachable at start-up).
+    #[error("cannot start the event bus: {0}")]
+    Bus(#[from] BusError),
     /// Reflection could not read the descriptor set.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -45,16 +55,17 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let verifier = Arc::new(Verifier::from_config(&config.jwt)?);
+    if let Some(addr) = config.metrics_listen {
+        crate::metrics::install(addr)?;
+        tracing::info!(%addr, "serving Prometheus metrics");
+    }
     if config.jwt.uses_dev_secret() {
         tracing::warn!(
             "no JWT key configured: using the built-in development secret; anyone can mint tokens. \
              Set LAMPLIGHT_JWT_SECRET (or a key file) in production"
         );
     }
-    let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new(
-        config.history_size,
-        Duration::from_secs(config.history_ttl_secs),
-    ));
+    let bus = build_bus(&config).await?;
     let api = EventApi::new(
         bus.clone(),
         Limits::from_config(&config),
@@ -74,6 +85,13 @@ pub async fn serve(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<EventServiceServer<EventApi>>().await;
+    if let Some(bus_health) = bus.health() {
+        tokio::spawn(report_bus_health(
+            bus_health,
+            health.clone(),
+            shutdown.clone(),
+        ));
+    }
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -110,8 +128,13 @@ pub async fn serve(
     let health_on_stop = health.clone();
     let server = router.serve_with_incoming_shutdown(incoming, async move {
         stopping.cancelled().await;
+        // Both the service and the overall status (""), which is what probes and load balancers usually
+        // check, so they stop sending new calls while open streams drain.
         health_on_stop
             .set_not_serving::<EventServiceServer<EventApi>>()
+            .await;
+        health_on_stop
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
         tracing::info!("shutting down: ending open streams");
     });
@@ -123,6 +146,57 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// The embedded bus, or the Redis bus with `--redis-url` (which must be reachable now: fail fast, so a
+/// misconfigured node never joins a load balancer).
+async fn build_bus(config: &Config) -> Result<Arc<dyn Bus>, ServeError> {
+    let history_ttl = Duration::from_secs(config.history_ttl_secs);
+    let Some(url) = &config.redis.redis_url else {
+        return Ok(Arc::new(MemoryBus::new(config.history_size, history_ttl)));
+    };
+    let target = Target::parse(url, config.redis.redis_cluster).map_err(ServeError::RedisUrl)?;
+    let bus = RedisBus::connect(RedisOptions {
+        target,
+        timeout: Duration::from_millis(config.redis.redis_timeout_ms),
+        presence_ttl: Duration::from_secs(config.redis.redis_presence_ttl_secs),
+        node_id: config.redis.redis_node_id.clone(),
+        history_size: config.history_size,
+        history_ttl,
+    })
+    .await?;
+    Ok(Arc::new(bus))
+}
+
+/// Mirrors the bus's health into the gRPC health service (the EventService and the overall "" status)
+/// until shutdown, which sets both to NOT_SERVING itself.
+async fn report_bus_health(
+    mut healthy: tokio::sync::watch::Receiver<bool>,
+    reporter: tonic_health::server::HealthReporter,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let ok = *healthy.borrow_and_update();
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let status = if ok {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        reporter
+            .set_service_status(
+                <EventServiceServer<EventApi> as tonic::server::NamedService>::NAME,
+                status,
+            )
+            .await;
+        reporter.set_service_status("", status).await;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = healthy.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 /// CORS for browsers (grpc-web): only listed origins, and the grpc headers exposed so a client can read a

@@ -13,6 +13,7 @@
 //! - a publish returns only once the event is accepted, and never waits for a subscriber.
 
 pub mod memory;
+pub mod redis;
 mod sink;
 
 use std::sync::Arc;
@@ -156,6 +157,13 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Short name for logs ("memory", "redis").
     fn name(&self) -> &'static str;
+
+    /// Whether the bus can serve right now, for the gRPC health service: `None` for a bus that is always
+    /// healthy (the embedded one), else a receiver that turns `false` while the bus cannot deliver (e.g.
+    /// Redis is down) and back to `true` when it can.
+    fn health(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
 }
 
 /// Typing and user-status events are delivered live and never kept in history.

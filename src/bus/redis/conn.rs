@@ -1,0 +1,319 @@
+//! Connections to Redis: one standalone server or a cluster, behind one type.
+//!
+//! The bus holds two: a *command* connection (publish, reads, presence) that never waits for a
+//! reconnect (a refused connection fails the call at once, a silent one after the timeout), and a
+//! *subscriber* connection (RESP3 pub/sub, pushes delivered to [`PushQueue`]) owned by the subscriber
+//! task. Standalone uses redis-rs's `ConnectionManager` (it reconnects in the background); cluster uses
+//! its `ClusterConnection` with `SSUBSCRIBE`, so a room's messages stay on the room's shard.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::{FutureExt as _, StreamExt as _};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, IntoConnectionInfo, ProtocolVersion, PushInfo, RedisError, RedisFuture, Value};
+use tokio::sync::mpsc;
+
+use crate::bus::BusError;
+
+/// Where Redis is.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// One server (`redis://host:port/db`).
+    Standalone(String),
+    /// Seed nodes of a Redis Cluster.
+    Cluster(Vec<String>),
+}
+
+impl Target {
+    /// Reads `--redis-url`: a `redis://` / `rediss://` URL, or with `cluster` (or a `redis+cluster://` /
+    /// `rediss+cluster://` URL) one or more comma-separated seed URLs of a cluster.
+    pub fn parse(url: &str, cluster: bool) -> Result<Self, String> {
+        let mut urls: Vec<String> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect();
+        let mut cluster = cluster;
+        for u in &mut urls {
+            for (from, to) in [
+                ("redis+cluster://", "redis://"),
+                ("rediss+cluster://", "rediss://"),
+            ] {
+                if let Some(rest) = u.strip_prefix(from) {
+                    *u = format!("{to}{rest}");
+                    cluster = true;
+                }
+            }
+        }
+        if urls.is_empty() {
+            return Err("--redis-url is empty".into());
+        }
+        for u in &urls {
+            u.as_str()
+                .into_connection_info()
+                .map_err(|e| format!("invalid Redis URL {u:?}: {e}"))?;
+        }
+        match (cluster, urls.len()) {
+            (true, _) => Ok(Self::Cluster(urls)),
+            (false, 1) => Ok(Self::Standalone(urls.remove(0))),
+            (false, _) => Err(
+                "several Redis URLs given: pass --redis-cluster (or redis+cluster:// URLs) for a cluster"
+                    .into(),
+            ),
+        }
+    }
+
+    /// True for a cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+}
+
+/// A connection to Redis, standalone or cluster. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    /// Standalone server.
+    Standalone(ConnectionManager),
+    /// Cluster.
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Standalone(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Standalone(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Standalone(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl Conn {
+    /// The command connection: no waiting for reconnects, every call bounded by `timeout`.
+    pub(crate) async fn commands(target: &Target, timeout: Duration) -> Result<Self, RedisError> {
+        match target {
+            Target::Standalone(url) => {
+                let config = ConnectionManagerConfig::new()
+                    // A call during an outage tries one connection and fails: never a queue of waiters.
+                    .set_number_of_retries(0)
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout));
+                let client = redis::Client::open(url.as_str())?;
+                Ok(Conn::Standalone(
+                    ConnectionManager::new_with_config(client, config).await?,
+                ))
+            }
+            Target::Cluster(urls) => {
+                let client = ClusterClientBuilder::new(urls.clone())
+                    .retries(2)
+                    .min_retry_wait(10)
+                    .max_retry_wait(200)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .build()?;
+                Ok(Conn::Cluster(client.get_async_connection().await?))
+            }
+        }
+    }
+
+    /// The subscriber connection (RESP3): pushes (messages, disconnections) go to `queue`.
+    pub(crate) async fn subscriber(
+        target: &Target,
+        timeout: Duration,
+        queue: PushQueue,
+    ) -> Result<Self, RedisError> {
+        match target {
+            Target::Standalone(url) => {
+                let info = url.as_str().into_connection_info()?;
+                let settings = info
+                    .redis_settings()
+                    .clone()
+                    .set_protocol(ProtocolVersion::RESP3);
+                let client = redis::Client::open(info.set_redis_settings(settings))?;
+                // The subscriber task resubscribes itself after a reconnect (and then reads what it
+                // missed), so the manager's automatic resubscription is not used.
+                let config = ConnectionManagerConfig::new()
+                    .set_number_of_retries(8)
+                    .set_max_delay(Duration::from_secs(2))
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    .set_push_sender(queue);
+                Ok(Conn::Standalone(
+                    ConnectionManager::new_with_config(client, config).await?,
+                ))
+            }
+            Target::Cluster(urls) => {
+                let client = ClusterClientBuilder::new(urls.clone())
+                    .use_protocol(ProtocolVersion::RESP3)
+                    .push_sender(queue)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .build()?;
+                Ok(Conn::Cluster(client.get_async_connection().await?))
+            }
+        }
+    }
+
+    /// Subscribes to `channels` (sharded in a cluster, one call per channel there since a sharded
+    /// subscription names channels of one slot). Returns once Redis confirmed.
+    pub(crate) async fn subscribe(&mut self, channels: &[String]) -> Result<(), RedisError> {
+        match self {
+            Conn::Standalone(c) => {
+                for chunk in channels.chunks(256) {
+                    c.subscribe(chunk).await?;
+                }
+            }
+            Conn::Cluster(c) => {
+                let calls: Vec<BoxFuture<'static, Result<(), RedisError>>> = channels
+                    .iter()
+                    .map(|channel| {
+                        let (mut c, channel) = (c.clone(), channel.clone());
+                        async move { c.ssubscribe(channel).await }.boxed()
+                    })
+                    .collect();
+                let results: Vec<Result<(), RedisError>> = futures::stream::iter(calls)
+                    .buffer_unordered(64)
+                    .collect()
+                    .await;
+                results.into_iter().collect::<Result<Vec<()>, _>>()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Unsubscribes from one channel.
+    pub(crate) async fn unsubscribe(&mut self, channel: &str) -> Result<(), RedisError> {
+        match self {
+            Conn::Standalone(c) => c.unsubscribe(channel).await,
+            Conn::Cluster(c) => c.sunsubscribe(channel).await,
+        }
+    }
+}
+
+/// Runs `fut` (a Redis call) for at most `timeout`, mapping failures to [`BusError`].
+pub(crate) async fn bounded<T>(
+    timeout: Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, RedisError>>,
+) -> Result<T, BusError> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(classify(what, &e)),
+        Err(_) => Err(BusError::Unavailable(format!(
+            "Redis did not answer {what} within {} ms (--redis-timeout-ms)",
+            timeout.as_millis()
+        ))),
+    }
+}
+
+/// Connection trouble is `Unavailable` (retry, maybe elsewhere); anything else is a bug on our side.
+pub(crate) fn classify(what: &str, e: &RedisError) -> BusError {
+    let transient = e.is_io_error()
+        || e.is_connection_refusal()
+        || e.is_connection_dropped()
+        || e.is_timeout()
+        || e.is_cluster_error()
+        || e.is_unrecoverable_error()
+        || matches!(
+            e.code(),
+            Some("LOADING" | "BUSY" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN" | "READONLY")
+        );
+    if transient {
+        BusError::Unavailable(format!("Redis unreachable during {what}: {e}"))
+    } else {
+        BusError::Internal(format!("Redis {what} failed: {e}"))
+    }
+}
+
+/// Where the subscriber connection delivers pushes: a bounded queue that never blocks the connection.
+/// When it is full the push is dropped and [`PushQueue::overflowed`] is set; the subscriber task then
+/// treats it like a disconnection and reads what it missed from the streams.
+#[derive(Clone)]
+pub(crate) struct PushQueue {
+    tx: mpsc::Sender<PushInfo>,
+    overflowed: Arc<AtomicBool>,
+}
+
+impl PushQueue {
+    /// A queue of `capacity` pushes and its receiving end.
+    pub(crate) fn new(capacity: usize) -> (Self, mpsc::Receiver<PushInfo>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (
+            Self {
+                tx,
+                overflowed: Arc::new(AtomicBool::new(false)),
+            },
+            rx,
+        )
+    }
+
+    /// True (once) if pushes were dropped since the last call.
+    pub(crate) fn take_overflow(&self) -> bool {
+        self.overflowed.swap(false, Ordering::AcqRel)
+    }
+}
+
+impl redis::aio::AsyncPushSender for PushQueue {
+    fn send(&self, info: PushInfo) -> Result<(), redis::aio::SendError> {
+        match self.tx.try_send(info) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.overflowed.store(true, Ordering::Release);
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(redis::aio::SendError),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_standalone_and_cluster_targets() {
+        assert!(matches!(
+            Target::parse("redis://127.0.0.1:7000/0", false),
+            Ok(Target::Standalone(_))
+        ));
+        match Target::parse(
+            "redis+cluster://127.0.0.1:7000,redis://127.0.0.1:7001",
+            false,
+        ) {
+            Ok(Target::Cluster(urls)) => {
+                assert_eq!(urls, ["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"])
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Target::parse("redis://a:1,redis://b:2", true)
+            .unwrap()
+            .is_cluster());
+        assert!(Target::parse("redis://a:1,redis://b:2", false).is_err());
+        assert!(Target::parse("", false).is_err());
+        assert!(Target::parse("http://x", false).is_err());
+    }
+}

@@ -1,0 +1,321 @@
+//! The Redis bus: rooms, history and presence shared by every node pointed at the same Redis.
+//!
+//! - **Publish** runs one Lua script (see [`scripts`]): it assigns the id (the stream id, prefixed with
+//!   the room's epoch: see [`ids`]), `XADD`s the event to the room's stream (trimmed to `history_size`,
+//!   expiring after `history_ttl` without events), publishes it on the room's channel and records the
+//!   idempotency key, atomically. It returns once Redis accepted it; a refused connection fails at once
+//!   with `Unavailable`, a silent Redis after `--redis-timeout-ms`.
+//! - **Subscribe**: the node holds one Redis subscription per room however many local streams share it
+//!   ([`subscriber`]); a stream attaches its sink first, then reads history, so nothing falls between the
+//!   replay and live delivery, and duplicates at the seam are dropped by id (`skip_through`).
+//! - **Outages**: the subscriber reconnects with backoff, re-subscribes and fills each room's gap from its
+//!   stream (or sends `Reset`); [`health`] reports a real pub/sub round trip.
+//! - **Presence** is kept in Redis with per-node heartbeats ([`presence`]).
+//! - **Cluster**: sharded pub/sub and hash-tagged keys ([`keys`]), so a room lives on one shard.
+
+mod conn;
+mod health;
+mod ids;
+mod keys;
+mod presence;
+mod rooms;
+mod scripts;
+mod subscriber;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::BufMut as _;
+use prost::Message as _;
+use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+pub use conn::Target;
+pub use health::PROBE_EVERY;
+
+use self::conn::{bounded, Conn};
+use self::ids::{random_token, EventId};
+use self::presence::Presence;
+use self::rooms::RoomTable;
+use self::scripts::RoomSettings;
+use self::subscriber::{Subscriber, SubscriberParts};
+use super::{is_ephemeral, Bus, BusError, Position, Recovery, RoomFeed, Sink, StoredEvent};
+use crate::bus::memory::IDEMPOTENCY_TTL;
+use crate::presence::{Member, PresenceSnapshot};
+use crate::proto::v1::Event;
+use crate::wire::SharedResponse;
+
+/// Settings of a [`RedisBus`].
+#[derive(Clone, Debug)]
+pub struct RedisOptions {
+    /// Where Redis is.
+    pub target: Target,
+    /// Bound on every Redis call a request waits for (publish, history read, presence).
+    pub timeout: Duration,
+    /// Presence entries of a node expire this long after its last heartbeat (heartbeats every third).
+    pub presence_ttl: Duration,
+    /// This node's id in presence entries; `None` for a random one.
+    pub node_id: Option<String>,
+    /// Events kept per room.
+    pub history_size: usize,
+    /// A room's history expires after this long without events.
+    pub history_ttl: Duration,
+}
+
+/// [`Bus`] over Redis. See the module docs.
+pub struct RedisBus {
+    cmd: Conn,
+    settings: RoomSettings,
+    timeout: Duration,
+    table: Arc<RoomTable>,
+    presence: Arc<Presence>,
+    healthy: watch::Receiver<bool>,
+    node: Arc<str>,
+    /// Stops the background tasks when the bus is dropped.
+    _stop: DropGuard,
+}
+
+impl RedisBus {
+    /// Connects (failing fast with the reason when Redis cannot be reached) and starts the subscriber,
+    /// the health probe and the presence heartbeat. Must be called inside a tokio runtime.
+    pub async fn connect(options: RedisOptions) -> Result<Self, BusError> {
+        let node: Arc<str> = match &options.node_id {
+            Some(id) => id.as_str().into(),
+            None => random_token(12).into(),
+        };
+        let settings = RoomSettings {
+            history_size: options.history_size.max(1),
+            ttl_ms: (options.history_ttl.as_millis() as u64).max(1000),
+            sharded: options.target.is_cluster(),
+        };
+        let timeout = options.timeout;
+        let cmd = bounded(timeout, "connect", Conn::commands(&options.target, timeout)).await?;
+        let cancel = CancellationToken::new();
+        let (table, commands) = RoomTable::new();
+        let (seen_tx, seen_rx) = watch::channel(0u64);
+        let health_channel = keys::health_channel(&node);
+        let subscriber = Subscriber::connect(SubscriberParts {
+            table: table.clone(),
+            commands,
+            target: options.target.clone(),
+            timeout,
+            cmd: cmd.clone(),
+            settings,
+            health_channel: health_channel.clone(),
+            probe_seen: seen_tx,
+            cancel: cancel.clone(),
+        })
+        .await?;
+        tokio::spawn(subscriber.run());
+
+        let (healthy_tx, healthy) = watch::channel(true);
+        tokio::spawn(
+            health::Prober {
+                conn: cmd.clone(),
+                channel: health_channel,
+                sharded: settings.sharded,
+                timeout,
+                seen: seen_rx,
+                healthy: healthy_tx,
+                commands: table.command_sender(),
+                cancel: cancel.clone(),
+            }
+            .run(),
+        );
+
+        let presence = Arc::new(Presence::new(
+            node.clone(),
+            options.presence_ttl,
+            timeout,
+            settings,
+        ));
+        tokio::spawn(presence.clone().run(cmd.clone(), cancel.clone()));
+        tracing::info!(
+            node = %node,
+            cluster = settings.sharded,
+            "connected to Redis"
+        );
+        Ok(Self {
+            cmd,
+            settings,
+            timeout,
+            table,
+            presence,
+            healthy,
+            node,
+            _stop: cancel.drop_guard(),
+        })
+    }
+
+    /// This node's id in presence entries.
+    pub fn node_id(&self) -> &str {
+        &self.node
+    }
+
+    /// Rooms this node is subscribed to (for tests and metrics).
+    pub fn subscribed_rooms(&self) -> usize {
+        self.table.room_count()
+    }
+
+    /// Connections of this node counted in presence (for tests and metrics).
+    pub fn local_connections(&self) -> usize {
+        self.presence.local_count()
+    }
+}
+
+/// The [`StoredEvent`] for `payload` (an `Event` encoded without id) with id `id`. The id is appended
+/// as field 1: protobuf lets fields come in any order, so this is the encoding of the event with its id.
+pub(crate) fn stored_event(
+    room: Arc<str>,
+    id: String,
+    pos: Position,
+    payload: &[u8],
+) -> StoredEvent {
+    let mut event = Vec::with_capacity(payload.len() + id.len() + 2);
+    event.put_slice(payload);
+    prost::encoding::string::encode(1, &id, &mut event);
+    StoredEvent {
+        id,
+        pos,
+        room,
+        frame: SharedResponse::from_encoded_event(&event),
+    }
+}
+
+#[async_trait]
+impl Bus for RedisBus {
+    async fn publish(
+        &self,
+        mut event: Event,
+        idempotency_key: Option<String>,
+    ) -> Result<String, BusError> {
+        event.id.clear();
+        let payload = event.encode_to_vec();
+        let ttl = IDEMPOTENCY_TTL.as_millis() as u64;
+        let mut conn = self.cmd.clone();
+        let (id, _duplicate) = bounded(
+            self.timeout,
+            "publish",
+            scripts::publish(
+                &mut conn,
+                &event.room,
+                &payload,
+                is_ephemeral(&event),
+                idempotency_key.as_deref().map(|k| (k, ttl)),
+                self.settings,
+            ),
+        )
+        .await?;
+        Ok(id)
+    }
+
+    async fn subscribe(
+        &self,
+        room: &str,
+        since: Option<&str>,
+        sink: &Sink,
+    ) -> Result<RoomFeed, BusError> {
+        // "" is what a stream reports for a room it saw no id of: the same as no `since`.
+        let cursor = since
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                EventId::parse(s).map_err(|reason| BusError::InvalidCursor {
+                    room: room.to_owned(),
+                    id: s.chars().take(64).collect(),
+                    reason,
+                })
+            })
+            .transpose()?;
+        let (lease, wait) = self.table.attach(room, sink);
+        if let Some(wait) = wait {
+            match tokio::time::timeout(self.timeout * 2, wait).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(reason))) => return Err(BusError::Unavailable(reason)),
+                Ok(Err(_)) | Err(_) => {
+                    return Err(BusError::Unavailable(format!(
+                        "Redis did not confirm the subscription to {room} within {} ms",
+                        (self.timeout * 2).as_millis()
+                    )))
+                }
+            }
+        }
+        let mut conn = self.cmd.clone();
+        let after = cursor.as_ref().map(|c| c.stream);
+        let read = bounded(
+            self.timeout,
+            "history read",
+            scripts::read(&mut conn, room, after, self.settings),
+        )
+        .await?;
+        let room_name: Arc<str> = room.into();
+        let recovery = match &cursor {
+            None => Recovery::Fresh,
+            Some(c) => recovery(c, &read, self.settings.history_size),
+        };
+        let replay = if recovery == Recovery::Recovered {
+            read.entries
+                .iter()
+                .map(|(id, payload)| {
+                    Arc::new(stored_event(
+                        room_name.clone(),
+                        format!("{}:{id}", read.epoch),
+                        id.position(false),
+                        payload,
+                    ))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(RoomFeed {
+            // Always a valid `since`, even for a room without events ("{epoch}:0-0"): resuming from it
+            // is exact.
+            last_event_id: format!("{}:{}", read.epoch, read.last),
+            recovery,
+            replay,
+            skip_through: Some(read.last.position(false)),
+            lease: Box::new(lease),
+        })
+    }
+
+    async fn connect(&self, member: &Member, rooms: &[String]) -> Result<(), BusError> {
+        self.presence.connect(&self.cmd, member, rooms).await
+    }
+
+    async fn disconnect(&self, member: &Member, _rooms: &[String]) -> Result<(), BusError> {
+        self.presence.disconnect(&self.cmd, member).await
+    }
+
+    async fn presence(&self, room: &str) -> Result<PresenceSnapshot, BusError> {
+        self.presence.snapshot(&self.cmd, room).await
+    }
+
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn health(&self) -> Option<watch::Receiver<bool>> {
+        Some(self.healthy.clone())
+    }
+}
+
+/// Whether the history read covers everything after `since`.
+fn recovery(since: &EventId<'_>, read: &scripts::ReadResult, history_size: usize) -> Recovery {
+    if since.epoch != read.epoch {
+        return Recovery::Reset(
+            "the room's history in Redis was lost since that event id was issued (Redis restarted without \
+             persistence, the room expired, or it was flushed)"
+                .into(),
+        );
+    }
+    if since.stream > read.last {
+        return Recovery::Reset("the event id is newer than any event of this room".into());
+    }
+    if read.trimmed_through > since.stream {
+        return Recovery::Reset(format!(
+            "history no longer reaches back to that event (it keeps the last {history_size} events per room)"
+        ));
+    }
+    Recovery::Recovered
+}

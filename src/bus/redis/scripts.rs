@@ -1,0 +1,216 @@
+//! The Lua scripts (in `lua/`) and typed calls to them.
+//!
+//! Every step that must be atomic is one script: publish (id + store + trim + expire + publish +
+//! idempotency key), read (epoch + last id + trim point + entries), and the user's connection count with
+//! its ONLINE/OFFLINE status. Scripts run by `EVALSHA` (loaded on first use, and again after a Redis
+//! restart flushed the script cache). Each touches one room's keys only (one hash slot).
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+use super::conn::Conn;
+use super::ids::{random_token, StreamId};
+use super::keys::{RoomKeys, UserKeys};
+use crate::presence::Member;
+use crate::rooms::Room;
+
+macro_rules! script {
+    ($file:literal) => {
+        LazyLock::new(|| {
+            Script::new(concat!(
+                include_str!("lua/common.lua"),
+                include_str!(concat!("lua/", $file))
+            ))
+        })
+    };
+}
+
+static PUBLISH: LazyLock<Script> = script!("publish.lua");
+static READ: LazyLock<Script> = script!("read.lua");
+static CONNECT: LazyLock<Script> = script!("connect.lua");
+static DISCONNECT: LazyLock<Script> = script!("disconnect.lua");
+
+/// A user's online flag (and connection set) expires this many presence TTLs after the last heartbeat.
+const FLAG_TTL_FACTOR: u64 = 4;
+/// Length of a new epoch.
+const EPOCH_LEN: usize = 10;
+
+/// Room settings every script that may publish or create an epoch needs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RoomSettings {
+    /// Stream length (`MAXLEN`).
+    pub(crate) history_size: usize,
+    /// Idle time after which a room's stream and meta expire, in ms.
+    pub(crate) ttl_ms: u64,
+    /// Cluster mode: `SPUBLISH` instead of `PUBLISH`.
+    pub(crate) sharded: bool,
+}
+
+/// What [`read`] found.
+#[derive(Debug)]
+pub(crate) struct ReadResult {
+    /// The room's current epoch (created by the read if there was none).
+    pub(crate) epoch: String,
+    /// The room's last stored event (`0-0` when none).
+    pub(crate) last: StreamId,
+    /// Entries at or before this id may have been trimmed or deleted (`0-0`: none was).
+    pub(crate) trimmed_through: StreamId,
+    /// Entries after the requested id, oldest first: (id, encoded `Event` without id).
+    pub(crate) entries: Vec<(StreamId, Vec<u8>)>,
+}
+
+fn bad_reply(what: &str, detail: impl std::fmt::Display) -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::UnexpectedReturnType,
+        "unexpected script reply",
+        format!("{what}: {detail}"),
+    ))
+}
+
+fn stream_id(what: &str, s: &str) -> Result<StreamId, redis::RedisError> {
+    StreamId::parse(s).ok_or_else(|| bad_reply(what, format!("not a stream id: {s:?}")))
+}
+
+/// Publishes `payload` (an encoded `Event` without id) to `room`. Returns the event id and whether it is
+/// the id of an earlier publish with the same idempotency key (then nothing was published).
+pub(crate) async fn publish(
+    conn: &mut Conn,
+    room: &str,
+    payload: &[u8],
+    ephemeral: bool,
+    idempotency: Option<(&str, u64)>,
+    settings: RoomSettings,
+) -> Result<(String, bool), redis::RedisError> {
+    let keys = RoomKeys::new(room);
+    let (idem_key, idem_ttl) = match idempotency {
+        Some((key, ttl_ms)) => (RoomKeys::idempotency(room, key), ttl_ms.max(1)),
+        // The script never reads KEYS[3] then; a key of the room's slot keeps the call single-slot.
+        None => (keys.meta.clone(), 0),
+    };
+    let (id, duplicate): (String, i64) = PUBLISH
+        .key(&keys.stream)
+        .key(&keys.meta)
+        .key(&idem_key)
+        .arg(payload)
+        .arg(if ephemeral { "1" } else { "0" })
+        .arg(settings.history_size)
+        .arg(settings.ttl_ms)
+        .arg(random_token(EPOCH_LEN))
+        .arg(&keys.channel)
+        .arg(if settings.sharded { "1" } else { "0" })
+        .arg(idem_ttl)
+        .invoke_async(conn)
+        .await?;
+    Ok((id, duplicate == 1))
+}
+
+/// The room's epoch and last id and, with `after`, its stored events after that id.
+pub(crate) async fn read(
+    conn: &mut Conn,
+    room: &str,
+    after: Option<StreamId>,
+    settings: RoomSettings,
+) -> Result<ReadResult, redis::RedisError> {
+    let keys = RoomKeys::new(room);
+    type Reply = (String, String, String, String, Vec<(String, Vec<Vec<u8>>)>);
+    let (epoch, last, trimmed, deleted, raw): Reply = READ
+        .key(&keys.stream)
+        .key(&keys.meta)
+        .arg(random_token(EPOCH_LEN))
+        .arg(settings.ttl_ms)
+        .arg(after.map(|a| a.to_string()).unwrap_or_default())
+        .arg(settings.history_size.saturating_add(1))
+        .invoke_async(conn)
+        .await?;
+    let mut entries = Vec::with_capacity(raw.len());
+    for (id, mut fields) in raw {
+        // Fields come as [name, value]; we only ever write `e`.
+        if fields.len() != 2 || fields[0] != b"e" {
+            return Err(bad_reply(
+                "read",
+                format!("entry {id} has unexpected fields"),
+            ));
+        }
+        let payload = fields.pop().unwrap_or_default();
+        entries.push((stream_id("read", &id)?, payload));
+    }
+    Ok(ReadResult {
+        epoch,
+        last: stream_id("read", &last)?,
+        trimmed_through: stream_id("read", &trimmed)?.max(stream_id("read", &deleted)?),
+        entries,
+    })
+}
+
+/// The member string of a connection in a user's set: `{node}/{connection}`.
+pub(crate) fn connection_member(node: &str, member: &Member) -> String {
+    format!("{node}/{}", member.connection_id)
+}
+
+/// Counts (or refreshes) a connection of `member`; publishes `online` (an encoded ONLINE event) to the
+/// tenant room when the user was not online. Returns true if it did.
+pub(crate) async fn connect(
+    conn: &mut Conn,
+    node: &str,
+    member: &Member,
+    online: &[u8],
+    now_ms: u64,
+    ttl_ms: u64,
+    settings: RoomSettings,
+) -> Result<bool, redis::RedisError> {
+    let tenant_room = Room::tenant_room(&member.tenant);
+    let user = UserKeys::new(&tenant_room, &member.user_id);
+    let room = RoomKeys::new(&tenant_room);
+    let published: i64 = CONNECT
+        .key(&user.connections)
+        .key(&user.online)
+        .key(&room.stream)
+        .key(&room.meta)
+        .arg(connection_member(node, member))
+        .arg(now_ms + ttl_ms)
+        .arg(now_ms)
+        // The flag must outlive the members until a dead node is reaped (up to ttl + ttl/3 after its
+        // last heartbeat), or the reaper would find the user already "offline" and stay silent.
+        .arg(ttl_ms * FLAG_TTL_FACTOR)
+        .arg(online)
+        .arg(settings.history_size)
+        .arg(settings.ttl_ms)
+        .arg(random_token(EPOCH_LEN))
+        .arg(&room.channel)
+        .arg(if settings.sharded { "1" } else { "0" })
+        .invoke_async(conn)
+        .await?;
+    Ok(published == 1)
+}
+
+/// Removes a connection of `member`; publishes `offline` to the tenant room when it was the user's last
+/// live one. Returns true if it did.
+pub(crate) async fn disconnect(
+    conn: &mut Conn,
+    node: &str,
+    member: &Member,
+    offline: &[u8],
+    now_ms: u64,
+    settings: RoomSettings,
+) -> Result<bool, redis::RedisError> {
+    let tenant_room = Room::tenant_room(&member.tenant);
+    let user = UserKeys::new(&tenant_room, &member.user_id);
+    let room = RoomKeys::new(&tenant_room);
+    let published: i64 = DISCONNECT
+        .key(&user.connections)
+        .key(&user.online)
+        .key(&room.stream)
+        .key(&room.meta)
+        .arg(connection_member(node, member))
+        .arg(now_ms)
+        .arg(offline)
+        .arg(settings.history_size)
+        .arg(settings.ttl_ms)
+        .arg(random_token(EPOCH_LEN))
+        .arg(&room.channel)
+        .arg(if settings.sharded { "1" } else { "0" })
+        .invoke_async(conn)
+        .await?;
+    Ok(published == 1)
+}

@@ -1,0 +1,464 @@
+//! Private `redis-server` processes for the Redis bus tests: each on free loopback ports, in its own
+//! temporary directory, killed when dropped. Never the shared server on 6379. Include it with
+//! `#[path = "support/redis.rs"] mod redis_support;`.
+//!
+//! If `redis-server` (or `redis-cli`, for the cluster) is not installed the tests fail, saying how to
+//! install it: they are never skipped.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use lamplight::Config;
+
+const INSTALL: &str = "the Redis bus tests need redis-server and redis-cli (Redis 7+): \
+                       apt-get install redis-server (Debian/Ubuntu) or brew install redis (macOS)";
+
+fn check_installed(bin: &str) {
+    match Command::new(bin).arg("--version").output() {
+        Ok(out) if out.status.success() => {
+            let version = String::from_utf8_lossy(&out.stdout);
+            let major = version
+                .split(|c: char| !c.is_ascii_digit())
+                .find(|s| !s.is_empty())
+                .and_then(|s| s.parse::<u32>().ok());
+            // `redis-server --version` -> "Redis server v=7.0.15 ..."; `redis-cli 7.0.15`.
+            if let Some(major) = major {
+                assert!(major >= 7, "{bin} is version {version}: {INSTALL}");
+            }
+        }
+        _ => panic!("{bin} not found or not runnable: {INSTALL}"),
+    }
+}
+
+/// A free loopback port whose cluster bus port (port + 10000) is free too.
+fn free_port() -> u16 {
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = l.local_addr().unwrap().port();
+        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "lamplight-test-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// One private redis-server.
+pub struct RedisServer {
+    pub port: u16,
+    dir: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// A server without persistence: a restart loses everything.
+    pub async fn start() -> Self {
+        Self::start_with(&["--save", "", "--appendonly", "no"]).await
+    }
+
+    /// A server with an append-only file synced on every write: a restart keeps every accepted event.
+    pub async fn start_persistent() -> Self {
+        Self::start_with(&[
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ])
+        .await
+    }
+
+    async fn start_with(args: &[&str]) -> Self {
+        check_installed("redis-server");
+        let mut server = Self {
+            port: free_port(),
+            dir: temp_dir("redis"),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        server.spawn();
+        server.wait_ready().await;
+        server
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.join("redis.log")).expect("log file");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.args)
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start redis-server: {e}; {INSTALL}"));
+        self.child = Some(child);
+    }
+
+    /// Waits (at most 10 s) until the server answers PING.
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut c) = self.try_conn().await {
+                let pong: Result<String, _> = redis::cmd("PING").query_async(&mut c).await;
+                if pong.is_ok() {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not start within 10 s; log: {}",
+                self.port,
+                std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn try_conn(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        let client = redis::Client::open(self.url())?;
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "connect timeout",
+            ))),
+        }
+    }
+
+    /// A connection for inspecting the server.
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        self.try_conn().await.expect("connect to the private redis")
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: the server vanishes without a goodbye (as in a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port (with the same data directory).
+    pub async fn start_again(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        self.spawn();
+        self.wait_ready().await;
+    }
+
+    /// Freezes the process (SIGSTOP): connections stay open but nothing is answered.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Undoes [`Self::freeze`].
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill {sig} {pid} failed");
+    }
+
+    /// `PUBSUB NUMSUB channel` (standalone pub/sub subscribers of a channel).
+    pub async fn numsub(&self, channel: &str) -> i64 {
+        let mut c = self.conn().await;
+        let (_, n): (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(channel)
+            .query_async(&mut c)
+            .await
+            .expect("PUBSUB NUMSUB");
+        n
+    }
+
+    /// `PUBSUB SHARDNUMSUB channel` on this node only.
+    pub async fn shard_numsub(&self, channel: &str) -> i64 {
+        let mut c = self.conn().await;
+        let (_, n): (String, i64) = redis::cmd("PUBSUB")
+            .arg("SHARDNUMSUB")
+            .arg(channel)
+            .query_async(&mut c)
+            .await
+            .expect("PUBSUB SHARDNUMSUB");
+        n
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            // A frozen process ignores SIGKILL only until continued; continue it first to be safe.
+            if let Some(child) = &self.child {
+                let _ = Command::new("kill")
+                    .args(["-CONT", &child.id().to_string()])
+                    .status();
+            }
+        }
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Redis Cluster of three masters (no replicas), each a private redis-server.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub async fn start() -> Self {
+        check_installed("redis-server");
+        check_installed("redis-cli");
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let dir = temp_dir("cluster");
+            let conf = dir.join("nodes.conf");
+            let mut node = RedisServer {
+                port: free_port(),
+                dir,
+                args: vec![
+                    "--save".into(),
+                    "".into(),
+                    "--appendonly".into(),
+                    "no".into(),
+                    "--cluster-enabled".into(),
+                    "yes".into(),
+                    "--cluster-config-file".into(),
+                    conf.to_string_lossy().into_owned(),
+                    "--cluster-node-timeout".into(),
+                    "5000".into(),
+                ],
+                child: None,
+            };
+            node.spawn();
+            nodes.push(node);
+        }
+        for node in &nodes {
+            node.wait_ready().await;
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run redis-cli: {e}; {INSTALL}"));
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = Self { nodes };
+        cluster.wait_ok().await;
+        cluster
+    }
+
+    /// Waits (at most 20 s) until every node reports `cluster_state:ok`.
+    async fn wait_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for node in &self.nodes {
+            loop {
+                let mut c = node.conn().await;
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut c)
+                    .await
+                    .expect("CLUSTER INFO");
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "cluster not ok within 20 s: {info}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    /// Seed URLs, comma-separated (what `--redis-url` takes with `--redis-cluster`).
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.url())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Sharded subscribers of `channel`, summed over the masters (only the slot's owner has any).
+    pub async fn shard_numsub(&self, channel: &str) -> i64 {
+        let mut total = 0;
+        for node in &self.nodes {
+            total += node.shard_numsub(channel).await;
+        }
+        total
+    }
+}
+
+/// The channel of a room (see `docs/redis.md`).
+pub fn room_channel(room: &str) -> String {
+    format!("lamplight:{{{room}}}:events")
+}
+
+/// Points `config` at a standalone Redis with test-friendly timings.
+pub fn use_redis(config: &mut Config, url: &str) {
+    config.redis.redis_url = Some(url.to_owned());
+    config.redis.redis_timeout_ms = 1000;
+    config.redis.redis_presence_ttl_secs = 6;
+}
+
+/// Points `config` at a Redis Cluster.
+pub fn use_cluster(config: &mut Config, cluster: &RedisCluster) {
+    use_redis(config, &cluster.url());
+    config.redis.redis_cluster = true;
+}
+
+/// Polls `check` every 50 ms until it returns true, failing the test after `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What a [`TcpProxy`] does with traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyMode {
+    /// Forward everything.
+    Open,
+    /// A network cut: close every connection and refuse new ones.
+    Cut,
+    /// The subscriber connections open now (those that sent a (S)SUBSCRIBE) stay open but nothing
+    /// flows on them either way any more: wedged. Other and new connections work.
+    WedgeSubscribers,
+}
+
+/// A loopback TCP proxy in front of a Redis, to cut or wedge one node's connections.
+pub struct TcpProxy {
+    pub port: u16,
+    mode: tokio::sync::watch::Sender<ProxyMode>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    /// Forwards a new loopback port to `target_port`.
+    pub async fn start(target_port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (mode, rx) = tokio::sync::watch::channel(ProxyMode::Open);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                if *rx.borrow() == ProxyMode::Cut {
+                    continue; // dropped: refused
+                }
+                tokio::spawn(pipe(client, target_port, rx.clone()));
+            }
+        });
+        Self { port, mode, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn set(&self, mode: ProxyMode) {
+        self.mode.send_replace(mode);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.set(ProxyMode::Cut);
+        self.task.abort();
+    }
+}
+
+async fn pipe(
+    client: tokio::net::TcpStream,
+    target_port: u16,
+    mut mode: tokio::sync::watch::Receiver<ProxyMode>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await else {
+        return;
+    };
+    let (mut client_r, mut client_w) = client.into_split();
+    let (mut server_r, mut server_w) = server.into_split();
+    let (mut up, mut down) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    let mut subscriber = false;
+    // Wedged connections stay wedged until the mode goes back to Open.
+    let mut wedged = false;
+    let mut last = *mode.borrow();
+    loop {
+        let current = *mode.borrow_and_update();
+        match current {
+            ProxyMode::Cut => return,
+            ProxyMode::Open => wedged = false,
+            ProxyMode::WedgeSubscribers if last != current => wedged = subscriber,
+            ProxyMode::WedgeSubscribers => {}
+        }
+        last = current;
+        let flowing = !wedged;
+        tokio::select! {
+            changed = mode.changed() => if changed.is_err() { return },
+            n = client_r.read(&mut up), if flowing => {
+                let Ok(n @ 1..) = n else { return };
+                if up[..n].windows(9).any(|w| w.eq_ignore_ascii_case(b"SUBSCRIBE")) {
+                    subscriber = true;
+                }
+                if server_w.write_all(&up[..n]).await.is_err() { return }
+            }
+            n = server_r.read(&mut down), if flowing => {
+                let Ok(n @ 1..) = n else { return };
+                if client_w.write_all(&down[..n]).await.is_err() { return }
+            }
+        }
+    }
+}
