@@ -11,6 +11,7 @@ use tonic::{Code, Status};
 
 use crate::auth::AuthError;
 use crate::bus::BusError;
+use crate::metrics::AUTH_FAILURES;
 use crate::policy::Denied;
 use crate::rooms::InvalidRoom;
 
@@ -79,8 +80,14 @@ fn since_json(since: &BTreeMap<String, String>) -> String {
 impl From<ServiceError> for Status {
     fn from(err: ServiceError) -> Status {
         let code = match &err {
-            ServiceError::Auth(_) => Code::Unauthenticated,
-            ServiceError::Denied(_) => Code::PermissionDenied,
+            ServiceError::Auth(_) => {
+                metrics::counter!(AUTH_FAILURES, "code" => "unauthenticated").increment(1);
+                Code::Unauthenticated
+            }
+            ServiceError::Denied(_) => {
+                metrics::counter!(AUTH_FAILURES, "code" => "permission_denied").increment(1);
+                Code::PermissionDenied
+            }
             ServiceError::InvalidRoom(_) | ServiceError::InvalidArgument(_) => {
                 Code::InvalidArgument
             }

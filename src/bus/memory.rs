@@ -20,6 +20,7 @@ use async_trait::async_trait;
 use super::{
     is_ephemeral, Bus, BusError, Position, Recovery, RoomFeed, RoomItem, Sink, StoredEvent,
 };
+use crate::metrics::ROOMS_LOCAL;
 use crate::presence::{status_event, Member, PresenceSnapshot, PresenceTable, Transition};
 use crate::proto::v1::Event;
 
@@ -163,8 +164,12 @@ impl Inner {
         st.last_id = Some(event.id.clone());
         st.last_seq = seq;
         st.last_activity = Instant::now();
+        let attached = !st.sinks.is_empty();
         st.sinks
             .retain(|(_, sink)| sink.offer(RoomItem::Event(stored.clone())));
+        if attached && st.sinks.is_empty() {
+            metrics::gauge!(ROOMS_LOCAL).decrement(1.0);
+        }
         event.id
     }
 
@@ -208,7 +213,11 @@ struct MemoryLease {
 impl Drop for MemoryLease {
     fn drop(&mut self) {
         let mut st = lock(&self.room);
+        let attached = !st.sinks.is_empty();
         st.sinks.retain(|(id, _)| *id != self.id);
+        if attached && st.sinks.is_empty() {
+            metrics::gauge!(ROOMS_LOCAL).decrement(1.0);
+        }
         st.last_activity = Instant::now();
     }
 }
@@ -246,6 +255,9 @@ impl Bus for MemoryBus {
         let slot = self.inner.room(room);
         let mut st = lock(&slot);
         let id = self.inner.next_lease.fetch_add(1, Ordering::Relaxed);
+        if st.sinks.is_empty() {
+            metrics::gauge!(ROOMS_LOCAL).increment(1.0);
+        }
         st.sinks.push((id, sink.clone()));
         let (recovery, replay) = match cursor {
             None => (Recovery::Fresh, Vec::new()),

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::RoomItem;
+use crate::metrics::EVENTS_DROPPED;
 
 #[derive(Debug, Default)]
 struct Shared {
@@ -55,9 +56,13 @@ impl Sink {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.shared.overflowed.store(true, Ordering::Relaxed);
+                metrics::counter!(EVENTS_DROPPED, "reason" => "slow_consumer").increment(1);
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                metrics::counter!(EVENTS_DROPPED, "reason" => "stream_closed").increment(1);
+                false
+            }
         }
     }
 

@@ -15,6 +15,7 @@ use crate::auth::{self, Principal};
 use crate::bus::Bus;
 use crate::config::Config;
 use crate::error::ServiceError;
+use crate::metrics::{EVENTS_PUBLISHED, PUBLISH_DURATION};
 use crate::policy;
 use crate::proto::server::event_service_server::EventService;
 use crate::proto::v1::{
@@ -90,6 +91,7 @@ impl EventApi {
     }
 
     async fn publish(&self, p: &Principal, req: PublishRequest) -> Result<String, ServiceError> {
+        let started = std::time::Instant::now();
         let mut event = req
             .event
             .ok_or_else(|| ServiceError::InvalidArgument("event is required".into()))?;
@@ -109,7 +111,10 @@ impl EventApi {
         // Keys are per publisher: two services cannot collide on each other's keys.
         let key = (!req.idempotency_key.is_empty())
             .then(|| format!("{}\n{}", p.user_id, req.idempotency_key));
-        Ok(self.inner.bus.publish(event, key).await?)
+        let id = self.inner.bus.publish(event, key).await?;
+        metrics::histogram!(PUBLISH_DURATION).record(started.elapsed().as_secs_f64());
+        metrics::counter!(EVENTS_PUBLISHED, "kind" => "publish").increment(1);
+        Ok(id)
     }
 
     fn check_size(&self, event: &Event) -> Result<(), ServiceError> {
@@ -147,6 +152,7 @@ impl EventApi {
             ..Default::default()
         };
         self.inner.bus.publish(event, None).await?;
+        metrics::counter!(EVENTS_PUBLISHED, "kind" => "typing").increment(1);
         Ok(())
     }
 

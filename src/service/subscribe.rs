@@ -19,6 +19,7 @@ use super::EventApi;
 use crate::auth::Principal;
 use crate::bus::{sink, Bus, Lease, Position, Recovery, RoomItem};
 use crate::error::{ServiceError, StreamEnd};
+use crate::metrics::{StreamGuard, EVENTS_DELIVERED};
 use crate::policy;
 use crate::presence::Member;
 use crate::proto::v1::{
@@ -92,6 +93,8 @@ impl EventApi {
             let _leases = leases;
             let _presence = presence;
             let _sink = sink;
+            let mut metrics = StreamGuard::open();
+            let delivered = metrics::counter!(EVENTS_DELIVERED);
             yield Ok(subscribed);
             for frame in pending {
                 yield Ok(frame);
@@ -117,6 +120,7 @@ impl EventApi {
                             if let Some(last) = position.get_mut(&*event.room) {
                                 last.clone_from(&event.id);
                             }
+                            delivered.increment(1);
                             yield Ok(event.frame.clone());
                         }
                         Some(RoomItem::Reset { room, reason }) => {
@@ -130,6 +134,7 @@ impl EventApi {
                 }
             };
             tracing::debug!(reason = %end, "stream ended by the server");
+            metrics.ended(end);
             yield Err(Status::from(ServiceError::StreamEnded { reason: end, since: position }));
         };
         Ok(Box::pin(stream))
