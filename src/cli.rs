@@ -1,5 +1,6 @@
 //! Command line: `lamplight [serve] [flags]` runs the server (the default), `lamplight token ...` prints a
-//! signed development token.
+//! signed development token, and (cargo feature `client`) `subscribe`, `publish` and `presence` talk to a
+//! running server through [`crate::client`]; [`commands`] runs those and defines their exit codes.
 
 use clap::{Args, Parser, Subcommand};
 
@@ -30,6 +31,178 @@ pub enum Command {
     Serve(Config),
     /// Print an HS256 token signed with the configured secret, for local use and the README's examples.
     Token(TokenArgs),
+    /// Print the events of rooms as JSON lines, live, reconnecting and resuming by itself.
+    #[cfg(feature = "client")]
+    Subscribe(SubscribeArgs),
+    /// Publish one event and print its id.
+    #[cfg(feature = "client")]
+    Publish(PublishArgs),
+    /// Print who is subscribed to a room, as JSON.
+    #[cfg(feature = "client")]
+    Presence(PresenceArgs),
+}
+
+#[cfg(feature = "client")]
+pub mod commands;
+
+/// Server address the client subcommands use by default.
+pub const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
+/// `sub` of the token the client subcommands mint when neither `--token` nor `--sub` is given; it gets role
+/// `publisher`, which may publish to and subscribe to every room.
+pub const DEFAULT_CLI_SUB: &str = "lamplight-cli";
+
+/// Where and as whom `subscribe`, `publish` and `presence` connect.
+#[derive(Debug, Args)]
+pub struct ConnectArgs {
+    /// Server URL (`http://host:port`).
+    #[arg(long, env = "LAMPLIGHT_ADDR", default_value = DEFAULT_ADDR)]
+    pub addr: String,
+    /// Bearer token to send. Without it a token is minted from the configured secret (like `lamplight
+    /// token`, see --sub) and minted again when the server refuses an expired one.
+    #[arg(long, env = "LAMPLIGHT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// `sub` of the minted token. Without --sub: the internal service `lamplight-cli`, role publisher.
+    #[arg(long)]
+    pub sub: Option<String>,
+    /// `tid` of the minted token.
+    #[arg(long)]
+    pub tid: Option<String>,
+    /// Projects of the minted token (comma-separated or repeated).
+    #[arg(long, value_delimiter = ',')]
+    pub projects: Vec<String>,
+    /// Channels of the minted token (comma-separated or repeated).
+    #[arg(long, value_delimiter = ',')]
+    pub channels: Vec<String>,
+    /// Roles of the minted token: `admin`, `publisher` (comma-separated or repeated).
+    #[arg(long, value_delimiter = ',')]
+    pub roles: Vec<String>,
+    /// Lifetime of minted tokens, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub ttl_secs: u64,
+    /// The secret (and `iss`/`aud`) to mint with: the server's.
+    #[command(flatten)]
+    pub jwt: JwtConfig,
+}
+
+impl ConnectArgs {
+    /// The claims to mint when no --token is given.
+    pub fn mint_args(&self) -> TokenArgs {
+        let (sub, roles) = match &self.sub {
+            Some(sub) => (sub.clone(), self.roles.clone()),
+            None if self.roles.is_empty() => (
+                DEFAULT_CLI_SUB.to_owned(),
+                vec![crate::auth::ROLE_PUBLISHER.to_owned()],
+            ),
+            None => (DEFAULT_CLI_SUB.to_owned(), self.roles.clone()),
+        };
+        TokenArgs {
+            sub,
+            tid: self.tid.clone(),
+            projects: self.projects.clone(),
+            channels: self.channels.clone(),
+            roles,
+            unverified: false,
+            ttl_secs: self.ttl_secs,
+            jwt: self.jwt.clone(),
+        }
+    }
+}
+
+/// Flags of `lamplight subscribe`.
+#[derive(Debug, Args)]
+pub struct SubscribeArgs {
+    /// Room to subscribe to (repeat, or separate with commas, for several).
+    #[arg(long = "room", required = true, value_delimiter = ',')]
+    pub rooms: Vec<String>,
+    /// Replay what ROOM had after event ID first: `ROOM=ID` (repeatable).
+    #[arg(long, value_name = "ROOM=ID", value_parser = parse_since)]
+    pub since: Vec<(String, String)>,
+    /// Exit (status 0) after printing this many events.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Give up (exit status 6) when no stream opened within this many seconds of the start; 0 keeps
+    /// trying. Once connected, it reconnects for as long as it runs.
+    #[arg(long, default_value_t = 10)]
+    pub connect_timeout_secs: u64,
+    /// The server's --heartbeat-secs: a stream silent for 2.5 times this is considered dead and reopened.
+    #[arg(long, default_value_t = crate::config::DEFAULT_HEARTBEAT_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub heartbeat_secs: u64,
+    /// Server and token.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+/// `ROOM=ID`.
+fn parse_since(value: &str) -> Result<(String, String), String> {
+    match value.split_once('=') {
+        Some((room, id)) if !room.is_empty() && !id.is_empty() => {
+            Ok((room.to_owned(), id.to_owned()))
+        }
+        _ => Err(format!("expected ROOM=ID, got {value:?}")),
+    }
+}
+
+/// Flags of `lamplight publish`.
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// The room to publish to.
+    #[arg(long)]
+    pub room: String,
+    /// The event type, a dotted name such as `task.created`.
+    #[arg(long = "type", value_name = "TYPE")]
+    pub event_type: String,
+    /// The payload.
+    #[command(flatten)]
+    pub payload: PayloadArgs,
+    /// Media type of --custom-file.
+    #[arg(long, default_value = "application/octet-stream")]
+    pub content_type: String,
+    /// Idempotency key (default: a random one). A publish repeated with the same key within 10 minutes
+    /// prints the first id and is delivered once.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Seconds to keep retrying while the server is unreachable before giving up (exit status 6).
+    #[arg(long, default_value_t = 10)]
+    pub timeout_secs: u64,
+    /// Server and token.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+/// Exactly one payload of `lamplight publish`.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct PayloadArgs {
+    /// A `Task` as a JSON object of strings, e.g. '{"id":"42","title":"Ship"}'.
+    #[arg(long, value_name = "JSON")]
+    pub task_json: Option<String>,
+    /// A `Bug` as a JSON object of strings.
+    #[arg(long, value_name = "JSON")]
+    pub bug_json: Option<String>,
+    /// A `Feature` as a JSON object of strings.
+    #[arg(long, value_name = "JSON")]
+    pub feature_json: Option<String>,
+    /// A `Message` as a JSON object of strings.
+    #[arg(long, value_name = "JSON")]
+    pub message_json: Option<String>,
+    /// A `Notification` as a JSON object of strings.
+    #[arg(long, value_name = "JSON")]
+    pub notification_json: Option<String>,
+    /// A `Custom` payload: the bytes of this file (`-` for standard input), see --content-type.
+    #[arg(long, value_name = "PATH")]
+    pub custom_file: Option<std::path::PathBuf>,
+}
+
+/// Flags of `lamplight presence`.
+#[derive(Debug, Args)]
+pub struct PresenceArgs {
+    /// The room.
+    #[arg(long)]
+    pub room: String,
+    /// Server and token.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
 }
 
 /// Claims of `lamplight token`.

@@ -14,6 +14,8 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Some(Command::Serve(config)) => config,
+        #[cfg(feature = "client")]
+        Some(command) => std::process::exit(i32::from(lamplight::cli::commands::run(command))),
         None => cli.serve,
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));

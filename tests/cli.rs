@@ -1,0 +1,494 @@
+//! The `lamplight subscribe | publish | presence` subcommands: the real binary against a real server. The
+//! README's two-terminal demo, the JSON line shape, `--since` and `Reset` lines, presence, tokens from
+//! `--token`/`LAMPLIGHT_TOKEN` or minted, and the exit status of each kind of failure.
+mod support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::*;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader, Lines};
+use tokio::process::{Child, Command};
+
+const PROJECT: &str = "tenant:t1:project:p1";
+const WAIT: Duration = Duration::from_secs(20);
+
+/// `lamplight` with a clean environment (no token, secret, address or Redis from the caller's shell).
+fn lamplight(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lamplight"));
+    cmd.args(args)
+        .env_remove("LAMPLIGHT_TOKEN")
+        .env_remove("LAMPLIGHT_JWT_SECRET")
+        .env_remove("LAMPLIGHT_ADDR")
+        .env_remove("REDIS_URL")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// The flags that point a client subcommand at `server` with the test secret.
+fn at(server: &TestServer) -> Vec<String> {
+    vec![
+        "--addr".into(),
+        server.url(),
+        "--jwt-secret".into(),
+        SECRET.into(),
+    ]
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `lamplight args...` to the end (failing the test after [`WAIT`]).
+async fn run(args: &[&str], extra: &[String]) -> Run {
+    let mut cmd = lamplight(args);
+    cmd.args(extra);
+    let out = tokio::time::timeout(WAIT, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("lamplight {args:?} did not finish within {WAIT:?}"))
+        .expect("run target/debug/lamplight");
+    Run {
+        code: out.status.code().expect("exited normally"),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    }
+}
+
+/// Publishes a task with the CLI and returns the id it printed.
+async fn publish(server: &TestServer, task_json: &str) -> String {
+    let out = run(
+        &[
+            "publish",
+            "--room",
+            PROJECT,
+            "--type",
+            "task.created",
+            "--task-json",
+            task_json,
+        ],
+        &at(server),
+    )
+    .await;
+    assert_eq!(out.code, 0, "publish failed: {}", out.stderr);
+    assert!(out.stderr.is_empty(), "{}", out.stderr);
+    out.stdout.trim().to_owned()
+}
+
+/// A running `lamplight subscribe`, with its output read line by line.
+struct Subscriber {
+    child: Child,
+    stdout: Lines<BufReader<tokio::process::ChildStdout>>,
+    stderr: Lines<BufReader<tokio::process::ChildStderr>>,
+}
+
+impl Subscriber {
+    /// Starts it and waits for its "connected" line.
+    async fn start(args: &[&str], extra: &[String]) -> Self {
+        let mut cmd = lamplight(&[&["subscribe"], args].concat());
+        cmd.args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("run target/debug/lamplight");
+        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut sub = Self {
+            child,
+            stdout,
+            stderr,
+        };
+        let line = next_line(&mut sub.stderr).await;
+        assert!(line.contains("connected to"), "{line}");
+        sub
+    }
+
+    async fn json_line(&mut self) -> Value {
+        let line = next_line(&mut self.stdout).await;
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line:?}: {e}"))
+    }
+
+    /// Waits for the exit status and returns it with the rest of stderr.
+    async fn finish(mut self) -> (i32, String) {
+        let status = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("subscriber did not exit")
+            .unwrap();
+        let mut rest = String::new();
+        while let Some(line) = self.stderr.next_line().await.unwrap() {
+            rest.push_str(&line);
+            rest.push('\n');
+        }
+        (status.code().expect("exited normally"), rest)
+    }
+}
+
+async fn next_line<R: AsyncRead + Unpin>(lines: &mut Lines<BufReader<R>>) -> String {
+    tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .expect("no line in time")
+        .unwrap()
+        .expect("output ended")
+}
+
+#[tokio::test]
+async fn two_terminals_subscribe_and_publish_json_lines() {
+    let server = TestServer::start().await;
+    // Terminal 1: a user of tenant t1 with project p1 (a minted token).
+    let mut sub = Subscriber::start(
+        &[
+            "--room",
+            PROJECT,
+            "--count",
+            "2",
+            "--sub",
+            "u1",
+            "--tid",
+            "t1",
+            "--projects",
+            "p1",
+        ],
+        &at(&server),
+    )
+    .await;
+    // Terminal 2: publish as the default CLI service identity.
+    let id = publish(&server, r#"{"id":"42","title":"Ship"}"#).await;
+    let file = std::env::temp_dir().join(format!("lamplight-cli-{}.txt", std::process::id()));
+    std::fs::write(&file, b"hello \xff").unwrap();
+    let custom = run(
+        &[
+            "publish",
+            "--room",
+            PROJECT,
+            "--type",
+            "note.added",
+            "--custom-file",
+            file.to_str().unwrap(),
+            "--content-type",
+            "text/plain",
+        ],
+        &at(&server),
+    )
+    .await;
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(custom.code, 0, "{}", custom.stderr);
+    let custom_id = custom.stdout.trim();
+
+    let first = sub.json_line().await;
+    let time = first["time"].as_str().expect("time is a string").to_owned();
+    assert!(
+        time.ends_with('Z') && time.contains('T'),
+        "RFC 3339: {time}"
+    );
+    assert_eq!(
+        first,
+        json!({"id": id, "room": PROJECT, "type": "task.created", "time": time,
+               "publisher_id": "lamplight-cli",
+               "task": {"id": "42", "project_id": "", "tenant_id": "", "title": "Ship",
+                        "status": "", "priority": "", "created_by_id": ""}})
+    );
+    let second = sub.json_line().await;
+    assert_eq!(second["id"], custom_id);
+    assert_eq!(second["type"], "note.added");
+    assert_eq!(
+        second["custom"],
+        json!({"content_type": "text/plain", "data": "aGVsbG8g/w=="})
+    );
+    let (code, stderr) = sub.finish().await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains(&format!("--since {PROJECT}={custom_id}")),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn since_replays_and_a_reset_is_a_json_line() {
+    let server = TestServer::start().await;
+    let a = publish(&server, r#"{"id":"a"}"#).await;
+    let b = publish(&server, r#"{"id":"b"}"#).await;
+    let since = format!("{PROJECT}={a}");
+    let replay = run(
+        &[
+            "subscribe",
+            "--room",
+            PROJECT,
+            "--since",
+            &since,
+            "--count",
+            "1",
+        ],
+        &at(&server),
+    )
+    .await;
+    assert_eq!(replay.code, 0, "{}", replay.stderr);
+    let line: Value = serde_json::from_str(replay.stdout.trim()).unwrap();
+    assert_eq!(
+        (line["id"].as_str(), &line["task"]["id"]),
+        (Some(b.as_str()), &json!("b"))
+    );
+
+    // An id from another run of the server cannot be replayed: a reset line, then live events.
+    let stale = format!("{PROJECT}=zzz-1");
+    let mut sub = Subscriber::start(
+        &["--room", PROJECT, "--since", &stale, "--count", "1"],
+        &at(&server),
+    )
+    .await;
+    let reset = sub.json_line().await;
+    assert_eq!(reset["reset"]["room"], PROJECT);
+    assert!(
+        reset["reset"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("earlier run"),
+        "{reset}"
+    );
+    let c = publish(&server, r#"{"id":"c"}"#).await;
+    assert_eq!(sub.json_line().await["id"], c);
+    assert_eq!(sub.finish().await.0, 0);
+}
+
+#[tokio::test]
+async fn presence_prints_json() {
+    let server = TestServer::start().await;
+    let user = ["--sub", "u1", "--tid", "t1", "--projects", "p1"];
+    let _sub = Subscriber::start(&[&["--room", PROJECT][..], &user].concat(), &at(&server)).await;
+    let out = run(
+        &[&["presence", "--room", PROJECT][..], &user].concat(),
+        &at(&server),
+    )
+    .await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let presence: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!(
+        presence,
+        json!({"room": PROJECT, "user_count": 1, "connection_count": 1, "user_ids": ["u1"]})
+    );
+}
+
+#[tokio::test]
+async fn tokens_come_from_the_token_subcommand_flag_or_environment() {
+    let server = TestServer::start().await;
+    let minted = run(
+        &[
+            "token",
+            "--sub",
+            "billing",
+            "--roles",
+            "publisher",
+            "--jwt-secret",
+            SECRET,
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(minted.code, 0, "{}", minted.stderr);
+    let token = minted.stdout.trim();
+    assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
+    let args = [
+        "publish",
+        "--room",
+        PROJECT,
+        "--type",
+        "task.created",
+        "--task-json",
+        "{}",
+    ];
+    let url = server.url();
+    let with_flag = run(
+        &args,
+        &["--addr".into(), url.clone(), "--token".into(), token.into()],
+    )
+    .await;
+    assert_eq!(with_flag.code, 0, "{}", with_flag.stderr);
+
+    let mut cmd = lamplight(&args);
+    cmd.args(["--addr", &url]).env("LAMPLIGHT_TOKEN", token);
+    let out = tokio::time::timeout(WAIT, cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        with_flag.stdout.trim()
+    );
+}
+
+/// Asserts a failed run: its exit status, one `lamplight: ` line on stderr containing `needle`, nothing
+/// on stdout.
+fn assert_fails(out: &Run, code: i32, needle: &str) {
+    assert_eq!(out.code, code, "stderr: {}", out.stderr);
+    assert!(out.stdout.is_empty(), "stdout: {}", out.stdout);
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {:?}", out.stderr);
+    assert!(lines[0].starts_with("lamplight: "), "{:?}", lines[0]);
+    assert!(
+        lines[0].contains(needle),
+        "{:?} should contain {needle:?}",
+        lines[0]
+    );
+}
+
+#[tokio::test]
+async fn failures_have_friendly_messages_and_distinct_exit_statuses() {
+    let server = TestServer::start().await;
+    let publish_args = |room: &'static str| {
+        vec![
+            "publish",
+            "--room",
+            room,
+            "--type",
+            "task.created",
+            "--task-json",
+            r#"{"id":"1"}"#,
+        ]
+    };
+    let as_user = [
+        "--sub".to_owned(),
+        "u1".into(),
+        "--tid".into(),
+        "t1".into(),
+        "--projects".into(),
+        "p1".into(),
+    ];
+
+    // 3: the server says the request is invalid.
+    let out = run(&publish_args("not a room"), &at(&server)).await;
+    assert_fails(&out, 3, "InvalidArgument");
+    // 4: token refused.
+    let wrong_secret = [
+        "--addr".to_owned(),
+        server.url(),
+        "--jwt-secret".into(),
+        "other".into(),
+    ];
+    let out = run(&publish_args(PROJECT), &wrong_secret).await;
+    assert_fails(&out, 4, "--jwt-secret");
+    let out = run(
+        &["presence", "--room", PROJECT, "--token", "garbage"],
+        &["--addr".to_owned(), server.url()],
+    )
+    .await;
+    assert_fails(&out, 4, "Unauthenticated");
+    // 5: users may not publish; nor subscribe to another tenant's rooms.
+    let out = run(
+        &publish_args(PROJECT),
+        &[at(&server), as_user.to_vec()].concat(),
+    )
+    .await;
+    assert_fails(&out, 5, "publisher");
+    let out = run(
+        &["subscribe", "--room", "tenant:t2:project:p1"],
+        &[at(&server), as_user.to_vec()].concat(),
+    )
+    .await;
+    assert_fails(&out, 5, "tenant:t2:project:p1");
+    // 6: nobody listens.
+    let dead = {
+        let probe = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        format!("http://{}", probe.local_addr().unwrap())
+    };
+    let nowhere = ["--addr".to_owned(), dead.clone()];
+    let out = run(
+        &[&publish_args(PROJECT)[..], &["--timeout-secs", "1"]].concat(),
+        &nowhere,
+    )
+    .await;
+    assert_fails(&out, 6, &format!("cannot reach the server at {dead}"));
+    let out = run(
+        &[
+            "subscribe",
+            "--room",
+            PROJECT,
+            "--connect-timeout-secs",
+            "1",
+        ],
+        &nowhere,
+    )
+    .await;
+    assert_eq!(out.code, 6, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("lamplight: cannot reach"),
+        "{}",
+        out.stderr
+    );
+    // 2: usage: bad payload JSON, no payload, both payloads, bad --since.
+    let out = run(
+        &[
+            "publish",
+            "--room",
+            PROJECT,
+            "--type",
+            "t",
+            "--task-json",
+            r#"{"name":"x"}"#,
+        ],
+        &at(&server),
+    )
+    .await;
+    assert_fails(&out, 2, "unknown field \"name\"");
+    let out = run(&["publish", "--room", PROJECT, "--type", "t"], &at(&server)).await;
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    let out = run(
+        &[
+            "publish",
+            "--room",
+            PROJECT,
+            "--type",
+            "t",
+            "--task-json",
+            "{}",
+            "--bug-json",
+            "{}",
+        ],
+        &at(&server),
+    )
+    .await;
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    let out = run(
+        &["subscribe", "--room", PROJECT, "--since", "nope"],
+        &at(&server),
+    )
+    .await;
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    let out = run(
+        &[
+            "publish",
+            "--room",
+            PROJECT,
+            "--type",
+            "t",
+            "--custom-file",
+            "/nonexistent/x",
+        ],
+        &at(&server),
+    )
+    .await;
+    assert_fails(&out, 2, "cannot read --custom-file");
+}
+
+#[tokio::test]
+async fn help_lists_the_client_subcommands() {
+    let out = run(&["--help"], &[]).await;
+    assert_eq!(out.code, 0);
+    for sub in ["serve", "token", "subscribe", "publish", "presence"] {
+        assert!(
+            out.stdout.contains(sub),
+            "{sub} missing from\n{}",
+            out.stdout
+        );
+    }
+}
