@@ -5,7 +5,7 @@
 use clap::{Args, Parser, Subcommand};
 
 use crate::auth::{mint_hs256, DevToken};
-use crate::config::{Config, JwtConfig, DEV_JWT_SECRET};
+use crate::config::{Config, JwtConfig};
 
 /// lamplight: a gRPC-native real-time event service.
 #[derive(Debug, Parser)]
@@ -64,22 +64,30 @@ pub struct ConnectArgs {
     /// `sub` of the minted token. Without --sub: the internal service `lamplight-cli`, role publisher.
     #[arg(long)]
     pub sub: Option<String>,
-    /// `tid` of the minted token.
+    /// The other claims of the minted token, and the secret to mint it with.
+    #[command(flatten)]
+    pub claims: ClaimArgs,
+}
+
+/// Claims and signing secret shared by `lamplight token` and the client subcommands' minted tokens.
+#[derive(Clone, Debug, Args)]
+pub struct ClaimArgs {
+    /// `tid`: tenant id.
     #[arg(long)]
     pub tid: Option<String>,
-    /// Projects of the minted token (comma-separated or repeated).
+    /// Project ids (comma-separated or repeated).
     #[arg(long, value_delimiter = ',')]
     pub projects: Vec<String>,
-    /// Channels of the minted token (comma-separated or repeated).
+    /// Channel ids (comma-separated or repeated).
     #[arg(long, value_delimiter = ',')]
     pub channels: Vec<String>,
-    /// Roles of the minted token: `admin`, `publisher` (comma-separated or repeated).
+    /// Roles: `admin`, `publisher` (comma-separated or repeated).
     #[arg(long, value_delimiter = ',')]
     pub roles: Vec<String>,
-    /// Lifetime of minted tokens, in seconds.
+    /// Lifetime in seconds.
     #[arg(long, default_value_t = 3600)]
     pub ttl_secs: u64,
-    /// The secret (and `iss`/`aud`) to mint with: the server's.
+    /// The secret (and the `iss`/`aud` the server checks) to sign with: the server's.
     #[command(flatten)]
     pub jwt: JwtConfig,
 }
@@ -87,23 +95,20 @@ pub struct ConnectArgs {
 impl ConnectArgs {
     /// The claims to mint when no --token is given.
     pub fn mint_args(&self) -> TokenArgs {
-        let (sub, roles) = match &self.sub {
-            Some(sub) => (sub.clone(), self.roles.clone()),
-            None if self.roles.is_empty() => (
-                DEFAULT_CLI_SUB.to_owned(),
-                vec![crate::auth::ROLE_PUBLISHER.to_owned()],
-            ),
-            None => (DEFAULT_CLI_SUB.to_owned(), self.roles.clone()),
+        let mut claims = self.claims.clone();
+        let sub = match &self.sub {
+            Some(sub) => sub.clone(),
+            None => {
+                if claims.roles.is_empty() {
+                    claims.roles = vec![crate::auth::ROLE_PUBLISHER.to_owned()];
+                }
+                DEFAULT_CLI_SUB.to_owned()
+            }
         };
         TokenArgs {
             sub,
-            tid: self.tid.clone(),
-            projects: self.projects.clone(),
-            channels: self.channels.clone(),
-            roles,
             unverified: false,
-            ttl_secs: self.ttl_secs,
-            jwt: self.jwt.clone(),
+            claims,
         }
     }
 }
@@ -211,27 +216,12 @@ pub struct TokenArgs {
     /// `sub`: user or service id.
     #[arg(long)]
     pub sub: String,
-    /// `tid`: tenant id.
-    #[arg(long)]
-    pub tid: Option<String>,
-    /// Project ids (comma-separated or repeated).
-    #[arg(long, value_delimiter = ',')]
-    pub projects: Vec<String>,
-    /// Channel ids (comma-separated or repeated).
-    #[arg(long, value_delimiter = ',')]
-    pub channels: Vec<String>,
-    /// Roles: `admin`, `publisher` (comma-separated or repeated).
-    #[arg(long, value_delimiter = ',')]
-    pub roles: Vec<String>,
     /// Leave `email_verified` false (users need it true to subscribe).
     #[arg(long)]
     pub unverified: bool,
-    /// Lifetime in seconds.
-    #[arg(long, default_value_t = 3600)]
-    pub ttl_secs: u64,
-    /// The secret and the `iss`/`aud` the server checks.
+    /// The other claims, and the secret to sign with.
     #[command(flatten)]
-    pub jwt: JwtConfig,
+    pub claims: ClaimArgs,
 }
 
 /// Why a token could not be printed.
@@ -251,24 +241,20 @@ pub enum TokenError {
 impl TokenArgs {
     /// The signed token.
     pub fn mint(&self) -> Result<String, TokenError> {
-        let secret = match (&self.jwt.jwt_secret, &self.jwt.jwt_secret_file) {
-            (Some(s), _) => s.clone(),
-            (None, Some(path)) => std::fs::read_to_string(path)?.trim().to_owned(),
-            (None, None) if self.jwt.uses_dev_secret() => DEV_JWT_SECRET.to_owned(),
-            (None, None) => return Err(TokenError::NoSecret),
-        };
+        let c = &self.claims;
+        let secret = c.jwt.hs256_secret()?.ok_or(TokenError::NoSecret)?;
         let now = crate::auth::now_unix();
         let claims = DevToken {
             sub: self.sub.clone(),
-            tid: self.tid.clone(),
+            tid: c.tid.clone(),
             email_verified: !self.unverified,
-            projects: self.projects.clone(),
-            channels: self.channels.clone(),
-            roles: self.roles.clone(),
+            projects: c.projects.clone(),
+            channels: c.channels.clone(),
+            roles: c.roles.clone(),
             iat: now,
-            exp: now + self.ttl_secs,
-            iss: self.jwt.jwt_issuer.clone(),
-            aud: self.jwt.jwt_audience.clone(),
+            exp: now + c.ttl_secs,
+            iss: c.jwt.jwt_issuer.clone(),
+            aud: c.jwt.jwt_audience.clone(),
         };
         Ok(mint_hs256(secret.as_bytes(), &claims)?)
     }

@@ -76,6 +76,17 @@ pub struct JwtConfig {
 }
 
 impl JwtConfig {
+    /// The HS256 secret: `--jwt-secret`, else the contents of `--jwt-secret-file` (trimmed), else the
+    /// development secret when no key at all is configured, else none.
+    pub fn hs256_secret(&self) -> std::io::Result<Option<String>> {
+        Ok(match (&self.jwt_secret, &self.jwt_secret_file) {
+            (Some(secret), _) => Some(secret.clone()),
+            (None, Some(path)) => Some(std::fs::read_to_string(path)?.trim().to_owned()),
+            (None, None) if self.uses_dev_secret() => Some(DEV_JWT_SECRET.to_owned()),
+            (None, None) => None,
+        })
+    }
+
     /// True when no key source is configured and the development secret will be used.
     pub fn uses_dev_secret(&self) -> bool {
         self.jwt_secret.is_none()

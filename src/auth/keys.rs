@@ -8,7 +8,7 @@ use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey};
 
 use super::AuthError;
-use crate::config::{JwtConfig, DEV_JWT_SECRET};
+use crate::config::JwtConfig;
 
 /// A key source that could not be loaded. Start-up fails with this message.
 #[derive(Debug, thiserror::Error)]
@@ -60,12 +60,10 @@ impl std::fmt::Debug for KeySet {
 impl KeySet {
     pub(super) fn load(config: &JwtConfig) -> Result<Self, KeyError> {
         let mut keys = Vec::new();
-        let secret = match (&config.jwt_secret, &config.jwt_secret_file) {
-            (Some(s), _) => Some(s.clone()),
-            (None, Some(path)) => Some(read(path)?.trim().to_owned()),
-            (None, None) if config.uses_dev_secret() => Some(DEV_JWT_SECRET.to_owned()),
-            (None, None) => None,
-        };
+        let secret = config.hs256_secret().map_err(|source| KeyError::Read {
+            path: config.jwt_secret_file.clone().unwrap_or_default(),
+            source,
+        })?;
         if let Some(secret) = secret {
             if secret.is_empty() {
                 return Err(KeyError::EmptySecret);
