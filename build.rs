@@ -31,6 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".lamplight.v1.SubscribeResponse",
             "crate::wire::SharedResponse",
         )
+        .codec_path("crate::wire::Codec")
         .compile_fds(fds)?;
     Ok(())
 }

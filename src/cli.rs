@@ -40,6 +40,9 @@ pub enum Command {
     /// Print who is subscribed to a room, as JSON.
     #[cfg(feature = "client")]
     Presence(PresenceArgs),
+    /// Load-test a running deployment (fanout, two-node, idle; --find-max): one JSON line per run.
+    #[cfg(feature = "client")]
+    Bench(crate::bench::BenchArgs),
 }
 
 #[cfg(feature = "client")]

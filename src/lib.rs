@@ -11,10 +11,15 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod auth;
+#[cfg(feature = "client")]
+pub mod bench;
 pub mod bus;
 pub mod cli;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod policy;
 pub mod presence;
 pub mod proto;

@@ -15,6 +15,8 @@ fn main() -> anyhow::Result<()> {
         }
         Some(Command::Serve(config)) => config,
         #[cfg(feature = "client")]
+        Some(Command::Bench(args)) => return lamplight::bench::main(args),
+        #[cfg(feature = "client")]
         Some(command) => std::process::exit(i32::from(lamplight::cli::commands::run(command))),
         None => cli.serve,
     };

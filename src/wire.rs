@@ -5,23 +5,40 @@
 //! server's generated trait uses [`SharedResponse`] in place of `SubscribeResponse` (see `build.rs`); on the
 //! wire the two are identical, so clients decode it as the ordinary message.
 
+use std::marker::PhantomData;
+use std::sync::Arc;
+
 use bytes::{Buf, BufMut, Bytes};
 use prost::encoding::{DecodeContext, WireType};
 use prost::{DecodeError, Message};
 
+use crate::bus::StoredEvent;
 use crate::proto::v1::{subscribe_response, Event, SubscribeResponse};
+
+/// Buffers of the server's codec: every open stream keeps its encode buffer for its whole life, so it
+/// starts small (a few events; it grows under load) and one write carries at most about 8 KiB of events,
+/// which bounds what a burst can make it grow to (tonic's defaults are 8 KiB and 32 KiB).
+const BUFFERS: (usize, usize) = (512, 8 * 1024);
 
 /// Field number of `SubscribeResponse.event`.
 const EVENT_FIELD: u32 = 2;
 
 /// An already-encoded `SubscribeResponse`. Cloning it shares the bytes.
-#[derive(Clone, Default, PartialEq)]
-pub struct SharedResponse(Bytes);
+#[derive(Clone)]
+pub struct SharedResponse(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    Bytes(Bytes),
+    /// A stored event's frame, held through the event itself: handing it to a stream moves the `Arc` the
+    /// stream received, instead of touching a second shared reference count per delivery.
+    Stored(Arc<StoredEvent>),
+}
 
 impl SharedResponse {
     /// Encodes any response (used for the rare, per-stream messages: `Subscribed`, `Heartbeat`, `Reset`).
     pub fn from_message(kind: subscribe_response::Kind) -> Self {
-        Self(Bytes::from(
+        Self::from_bytes(Bytes::from(
             SubscribeResponse { kind: Some(kind) }.encode_to_vec(),
         ))
     }
@@ -31,7 +48,7 @@ impl SharedResponse {
         let len = event.encoded_len();
         let mut buf = Vec::with_capacity(len + 1 + prost::length_delimiter_len(len));
         prost::encoding::message::encode(EVENT_FIELD, event, &mut buf);
-        Self(Bytes::from(buf))
+        Self::from_bytes(Bytes::from(buf))
     }
 
     /// Wraps the encoding of an `Event` (as stored in a history) without decoding it.
@@ -41,24 +58,48 @@ impl SharedResponse {
         prost::encoding::encode_key(EVENT_FIELD, WireType::LengthDelimited, &mut buf);
         prost::encoding::encode_varint(event.len() as u64, &mut buf);
         buf.extend_from_slice(event);
-        Self(Bytes::from(buf))
+        Self::from_bytes(Bytes::from(buf))
+    }
+
+    /// The frame of a stored event, taking over the caller's reference to it.
+    pub fn from_stored(event: Arc<StoredEvent>) -> Self {
+        Self(Repr::Stored(event))
+    }
+
+    fn from_bytes(bytes: Bytes) -> Self {
+        Self(Repr::Bytes(bytes))
     }
 
     /// The encoded message body.
-    pub fn as_bytes(&self) -> &Bytes {
-        &self.0
+    pub fn as_slice(&self) -> &[u8] {
+        match &self.0 {
+            Repr::Bytes(bytes) => bytes,
+            Repr::Stored(event) => event.frame.as_slice(),
+        }
+    }
+}
+
+impl Default for SharedResponse {
+    fn default() -> Self {
+        Self::from_bytes(Bytes::new())
+    }
+}
+
+impl PartialEq for SharedResponse {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
     }
 }
 
 impl std::fmt::Debug for SharedResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SharedResponse({} bytes)", self.0.len())
+        write!(f, "SharedResponse({} bytes)", self.as_slice().len())
     }
 }
 
 impl Message for SharedResponse {
     fn encode_raw(&self, buf: &mut impl BufMut) {
-        buf.put_slice(&self.0);
+        buf.put_slice(self.as_slice());
     }
 
     /// The server only ever encodes responses; decoding one here skips its fields.
@@ -73,11 +114,41 @@ impl Message for SharedResponse {
     }
 
     fn encoded_len(&self) -> usize {
-        self.0.len()
+        self.as_slice().len()
     }
 
     fn clear(&mut self) {
-        self.0 = Bytes::new();
+        *self = Self::default();
+    }
+}
+
+/// The codec of the generated `EventService` server (see `build.rs`): prost, with the smaller per-stream
+/// buffers of [`BUFFERS`]. The thousands of idle streams a node holds each keep one.
+#[derive(Debug)]
+pub struct Codec<T, U>(PhantomData<fn() -> (T, U)>);
+
+impl<T, U> Default for Codec<T, U> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<T, U> tonic::codec::Codec for Codec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = tonic_prost::ProstEncoder<T>;
+    type Decoder = tonic_prost::ProstDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::new(tonic::codec::BufferSettings::new(BUFFERS.0, BUFFERS.1))
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::new(tonic::codec::BufferSettings::new(BUFFERS.0, BUFFERS.1))
     }
 }
 
@@ -99,12 +170,14 @@ mod tests {
             ..Default::default()
         };
         let shared = SharedResponse::from_event(&event);
-        let decoded = SubscribeResponse::decode(shared.as_bytes().clone()).expect("decodes");
+        let decoded = SubscribeResponse::decode(shared.as_slice()).expect("decodes");
         assert_eq!(
             decoded.kind,
             Some(subscribe_response::Kind::Event(event.clone()))
         );
         let rewrapped = SharedResponse::from_encoded_event(&event.encode_to_vec());
         assert_eq!(rewrapped, shared);
+        let stored = StoredEvent::new(Default::default(), "tenant:t1".into(), &event);
+        assert_eq!(SharedResponse::from_stored(Arc::new(stored)), shared);
     }
 }

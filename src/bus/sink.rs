@@ -4,44 +4,81 @@
 //! Offering never waits: when the inbox is full the sink is marked *overflowed*, later offers are refused,
 //! and the stream ends with `RESOURCE_EXHAUSTED` once it notices. That bounds memory per stream and keeps
 //! a slow client from slowing the publisher or anyone else.
+//!
+//! Fan-out is the hot path, so the inbox is a plain queue under a lock that is rarely contended (the bus
+//! offers, the stream takes): an offer to an inbox that already holds items does not wake the stream again,
+//! and the stream takes everything queued at once, with one lock per batch rather than per item. An idle
+//! inbox holds no buffer, and a stream gives back the buffer a burst grew when it runs dry.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 
-use tokio::sync::mpsc;
+use futures::task::AtomicWaker;
 
 use super::RoomItem;
 use crate::metrics::EVENTS_DROPPED;
 
-#[derive(Debug, Default)]
+/// Buffer capacity (items) a stream keeps once it ran dry; a larger one, grown by a burst, is released.
+const KEEP_CAPACITY: usize = 32;
+
+#[derive(Debug)]
 struct Shared {
+    queue: Mutex<Queue>,
+    /// The stream's task, woken by the first offer into an empty inbox, an overflow, or the last sink.
+    waker: AtomicWaker,
     overflowed: AtomicBool,
+    /// Live [`Sink`] handles.
+    senders: AtomicUsize,
+    capacity: usize,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    items: VecDeque<RoomItem>,
+    receiver_gone: bool,
+}
+
+impl Shared {
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        // Nothing panics while holding it; a poisoned lock still holds a consistent queue.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// The bus's handle to a stream's inbox. Cheap to clone.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Sink {
-    tx: mpsc::Sender<RoomItem>,
     shared: Arc<Shared>,
 }
 
 /// The stream's end of its inbox.
 #[derive(Debug)]
 pub struct SinkReceiver {
-    rx: mpsc::Receiver<RoomItem>,
     shared: Arc<Shared>,
+    /// Items taken from the inbox in one go, not yet handed out.
+    batch: VecDeque<RoomItem>,
 }
 
 /// A new inbox holding at most `capacity` items.
 pub fn sink(capacity: usize) -> (Sink, SinkReceiver) {
-    let (tx, rx) = mpsc::channel(capacity.max(1));
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Shared {
+        queue: Mutex::new(Queue::default()),
+        waker: AtomicWaker::new(),
+        overflowed: AtomicBool::new(false),
+        senders: AtomicUsize::new(1),
+        capacity: capacity.max(1),
+    });
     (
         Sink {
-            tx,
             shared: shared.clone(),
         },
-        SinkReceiver { rx, shared },
+        SinkReceiver {
+            shared,
+            batch: VecDeque::new(),
+        },
     )
 }
 
@@ -49,21 +86,31 @@ impl Sink {
     /// Queues `item` without waiting. Returns false when the stream is gone or has overflowed: the caller
     /// should stop offering to it.
     pub fn offer(&self, item: RoomItem) -> bool {
-        if self.shared.overflowed.load(Ordering::Relaxed) {
+        let shared = &self.shared;
+        if shared.overflowed.load(Ordering::Relaxed) {
             return false;
         }
-        match self.tx.try_send(item) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.shared.overflowed.store(true, Ordering::Relaxed);
-                metrics::counter!(EVENTS_DROPPED, "reason" => "slow_consumer").increment(1);
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                metrics::counter!(EVENTS_DROPPED, "reason" => "stream_closed").increment(1);
-                false
-            }
+        let mut queue = shared.queue();
+        if queue.receiver_gone {
+            drop(queue);
+            metrics::counter!(EVENTS_DROPPED, "reason" => "stream_closed").increment(1);
+            return false;
         }
+        if queue.items.len() >= shared.capacity {
+            shared.overflowed.store(true, Ordering::Relaxed);
+            drop(queue);
+            metrics::counter!(EVENTS_DROPPED, "reason" => "slow_consumer").increment(1);
+            shared.waker.wake();
+            return false;
+        }
+        queue.items.push_back(item);
+        // Only the first item needs a wake-up: the stream takes everything queued when it runs.
+        let first = queue.items.len() == 1;
+        drop(queue);
+        if first {
+            shared.waker.wake();
+        }
+        true
     }
 
     /// True when both handles belong to the same inbox.
@@ -72,17 +119,49 @@ impl Sink {
     }
 }
 
+impl Clone for Sink {
+    fn clone(&self) -> Self {
+        self.shared.senders.fetch_add(1, Ordering::Relaxed);
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.waker.wake();
+        }
+    }
+}
+
 impl SinkReceiver {
     /// The next item, or `None` once the inbox overflowed (the stream must end) or every sink is gone.
     pub async fn recv(&mut self) -> Option<RoomItem> {
+        poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// [`SinkReceiver::recv`] as a poll function.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<RoomItem>> {
         if self.overflowed() {
-            return None;
+            return Poll::Ready(None);
         }
-        let item = self.rx.recv().await;
-        if self.overflowed() {
-            return None;
+        if let Some(item) = self.batch.pop_front() {
+            return Poll::Ready(Some(item));
         }
-        item
+        // Register before looking, so an offer between the look and the registration still wakes us.
+        self.shared.waker.register(cx.waker());
+        if self.refill() {
+            return Poll::Ready(self.batch.pop_front());
+        }
+        if self.overflowed() || self.shared.senders.load(Ordering::Acquire) == 0 {
+            return Poll::Ready(None);
+        }
+        if self.batch.capacity() > KEEP_CAPACITY {
+            self.batch = VecDeque::new();
+        }
+        Poll::Pending
     }
 
     /// The next item if one is queued right now (`None` also once overflowed).
@@ -90,12 +169,34 @@ impl SinkReceiver {
         if self.overflowed() {
             return None;
         }
-        self.rx.try_recv().ok()
+        if self.batch.is_empty() {
+            self.refill();
+        }
+        self.batch.pop_front()
     }
 
     /// True once an offer found the inbox full.
     pub fn overflowed(&self) -> bool {
         self.shared.overflowed.load(Ordering::Relaxed)
+    }
+
+    /// Takes everything queued into `batch` (which is empty). False when nothing was queued.
+    fn refill(&mut self) -> bool {
+        let mut queue = self.shared.queue();
+        if queue.items.is_empty() {
+            return false;
+        }
+        std::mem::swap(&mut queue.items, &mut self.batch);
+        true
+    }
+}
+
+impl Drop for SinkReceiver {
+    fn drop(&mut self) {
+        let mut queue = self.shared.queue();
+        queue.receiver_gone = true;
+        // Release the queued events now rather than when the last room lets go of the sink.
+        queue.items = VecDeque::new();
     }
 }
 
@@ -110,6 +211,13 @@ mod tests {
         }
     }
 
+    fn reason(item: Option<RoomItem>) -> Option<String> {
+        match item {
+            Some(RoomItem::Reset { reason, .. }) => Some(reason.to_string()),
+            _ => None,
+        }
+    }
+
     #[tokio::test]
     async fn overflow_is_sticky_and_ends_the_receiver() {
         let (tx, mut rx) = sink(2);
@@ -119,6 +227,7 @@ mod tests {
         assert!(!tx.offer(reset(4)), "and later offers are refused");
         assert!(rx.overflowed());
         assert!(rx.recv().await.is_none());
+        assert!(rx.try_recv().is_none());
     }
 
     #[tokio::test]
@@ -126,5 +235,39 @@ mod tests {
         let (tx, rx) = sink(2);
         drop(rx);
         assert!(!tx.offer(reset(1)));
+    }
+
+    #[tokio::test]
+    async fn items_come_out_in_order_across_batches_and_the_last_sink_ends_the_receiver() {
+        let (tx, mut rx) = sink(8);
+        let other = tx.clone();
+        for n in 0..3 {
+            assert!(tx.offer(reset(n)));
+        }
+        assert_eq!(reason(rx.try_recv()).as_deref(), Some("0"));
+        assert!(
+            other.offer(reset(3)),
+            "offered while the receiver holds a batch"
+        );
+        for n in 1..4 {
+            assert_eq!(reason(rx.recv().await), Some(n.to_string()));
+        }
+        assert!(rx.try_recv().is_none());
+        drop(tx);
+        drop(other);
+        assert!(rx.recv().await.is_none(), "every sink is gone");
+    }
+
+    #[tokio::test]
+    async fn an_offer_wakes_a_waiting_receiver() {
+        let (tx, mut rx) = sink(4);
+        let waiting = tokio::spawn(async move { reason(rx.recv().await) });
+        tokio::task::yield_now().await;
+        assert!(tx.offer(reset(7)));
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("woken within 5 s")
+            .expect("task");
+        assert_eq!(got.as_deref(), Some("7"));
     }
 }

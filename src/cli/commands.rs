@@ -152,7 +152,7 @@ pub fn run(command: Command) -> u8 {
             Command::Subscribe(args) => subscribe(args).await,
             Command::Publish(args) => publish(args).await,
             Command::Presence(args) => presence(args).await,
-            Command::Serve(_) | Command::Token(_) => Err(CommandError::usage(
+            Command::Serve(_) | Command::Token(_) | Command::Bench(_) => Err(CommandError::usage(
                 "not a client subcommand: use subscribe, publish or presence",
             )),
         }

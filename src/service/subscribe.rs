@@ -28,6 +28,9 @@ use crate::proto::v1::{
 use crate::rooms::Room;
 use crate::wire::SharedResponse;
 
+/// Queued items a stream takes in a row before it looks at its timer and shutdown token again.
+const FAST_PATH_BURST: usize = 64;
+
 /// The stream type of `Subscribe`: pre-encoded responses.
 pub(crate) type SubscribeStream =
     Pin<Box<dyn Stream<Item = Result<SharedResponse, Status>> + Send>>;
@@ -99,40 +102,74 @@ impl EventApi {
             for frame in pending {
                 yield Ok(frame);
             }
-            let mut heartbeat = tokio::time::interval_at(Instant::now() + heartbeat_every, heartbeat_every);
-            heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let expiry = tokio::time::sleep_until(expires);
-            tokio::pin!(expiry);
+            // One timer for the next heartbeat and the token's expiry, and this stream's own cancellation
+            // token (a child of the server's), so that waiting costs no lock other streams share.
+            let mut next_heartbeat = Instant::now() + heartbeat_every;
+            let timer = tokio::time::sleep_until(next_heartbeat.min(expires));
+            tokio::pin!(timer);
+            let shutdown = shutdown.child_token();
+            let cancelled = shutdown.cancelled();
+            tokio::pin!(cancelled);
+            let mut burst = 0;
+            let mut uncounted = 0;
             let end = loop {
-                tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => break StreamEnd::ShuttingDown,
-                    _ = &mut expiry => break StreamEnd::TokenExpired,
-                    _ = heartbeat.tick() => {
-                        let time = Some(prost_types::Timestamp::from(SystemTime::now()));
-                        yield Ok(SharedResponse::from_message(Kind::Heartbeat(Heartbeat { time })));
+                // Fast path: items already queued are taken without polling the timer and the token. After
+                // FAST_PATH_BURST of them those are polled anyway, so a stream that never runs dry still
+                // heartbeats, expires and shuts down on time.
+                let queued = if burst < FAST_PATH_BURST { inbox.try_recv() } else { None };
+                let item = match queued {
+                    Some(item) => {
+                        burst += 1;
+                        item
                     }
-                    item = inbox.recv() => match item {
-                        Some(RoomItem::Event(event)) => {
-                            if skip.get(&event.room).is_some_and(|through| event.pos <= *through) {
+                    None => {
+                        burst = 0;
+                        if uncounted > 0 {
+                            delivered.increment(std::mem::take(&mut uncounted));
+                        }
+                        tokio::select! {
+                            biased;
+                            _ = &mut cancelled => break StreamEnd::ShuttingDown,
+                            _ = &mut timer => {
+                                let now = Instant::now();
+                                if now >= expires {
+                                    break StreamEnd::TokenExpired;
+                                }
+                                if now >= next_heartbeat {
+                                    next_heartbeat = now + heartbeat_every;
+                                    let time = Some(prost_types::Timestamp::from(SystemTime::now()));
+                                    yield Ok(SharedResponse::from_message(Kind::Heartbeat(Heartbeat { time })));
+                                }
+                                timer.as_mut().reset(next_heartbeat.min(expires));
                                 continue;
                             }
-                            if let Some(last) = position.get_mut(&*event.room) {
-                                last.clone_from(&event.id);
-                            }
-                            delivered.increment(1);
-                            yield Ok(event.frame.clone());
+                            item = inbox.recv() => match item {
+                                Some(item) => item,
+                                None => break StreamEnd::SlowConsumer,
+                            },
                         }
-                        Some(RoomItem::Reset { room, reason }) => {
-                            yield Ok(SharedResponse::from_message(Kind::Reset(Reset {
-                                room: room.to_string(),
-                                reason: reason.to_string(),
-                            })));
+                    }
+                };
+                match item {
+                    RoomItem::Event(event) => {
+                        if skip.get(&event.room).is_some_and(|through| event.pos <= *through) {
+                            continue;
                         }
-                        None => break StreamEnd::SlowConsumer,
-                    },
+                        if let Some(last) = position.get_mut(&*event.room) {
+                            last.clone_from(&event.id);
+                        }
+                        uncounted += 1;
+                        yield Ok(SharedResponse::from_stored(event));
+                    }
+                    RoomItem::Reset { room, reason } => {
+                        yield Ok(SharedResponse::from_message(Kind::Reset(Reset {
+                            room: room.to_string(),
+                            reason: reason.to_string(),
+                        })));
+                    }
                 }
             };
+            delivered.increment(uncounted);
             tracing::debug!(reason = %end, "stream ended by the server");
             metrics.ended(end);
             yield Err(Status::from(ServiceError::StreamEnded { reason: end, since: position }));

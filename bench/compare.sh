@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# Side by side: the Socket.IO + Redis-adapter peer and lamplight, on this machine, driven by the SAME load
+# generator (peers/loadgen, built against this repository's proto) with the same workloads, interleaved
+# (every scenario runs for the peer, then for lamplight, before the next one). Prints a Markdown table
+# with the ratios and the goals; raw JSON lines, logs and the table go to $OUT.
+#
+#   bench/compare.sh                 # the full set, once (about an hour on 2 cores)
+#   QUICK=1 bench/compare.sh         # short windows, fewer scenarios (~15 min): a check, not a figure
+#   REPEATS=3 ONLY="sat idle" bench/compare.sh
+#   TARGETS="socketio grpc grpc-1w" ONLY=fixed bench/compare.sh   # also lamplight on one worker thread
+#
+# Env knobs [defaults]:
+#   REPEATS [1]          repeats of every scenario (the table shows medians)
+#   TARGETS ["socketio grpc"]  socketio = the peer; grpc = lamplight (tokio's default runtime: one worker
+#                        thread per core); grpc-1w = lamplight with TOKIO_WORKER_THREADS=1, which leaves the
+#                        other core to the loadgen, as the single-threaded peer does
+#   ONLY ["fixed sat twonode idle"]   scenario groups (see below)
+#   PEERS [/work/shared/peers]        read-only source of the peer and the loadgen; copied to target/peers
+#   REDIS_PORT [6391]    a private redis-server for the peer and two-node lamplight (never 6379)
+#   BASE_PORT [3200]     servers listen on BASE_PORT and BASE_PORT+1
+#   FIXED_T [30] SAT_T [10] IDLE_HOLD [30]  seconds; START_RATE [800] first step of the saturation ramps
+#   OUT [target/bench-compare/<utc time>]
+#
+# What runs (loadgen arguments as in peers/README.md, so the peer's RESULTS.md figures are reproduced):
+#   fixed    fanout S=1000 R=10 and S=5000 R=50 at 500 events/s (50,000 deliveries/s), FIXED_T s
+#   sat      saturation search S=1000 R=10 and S=5000 R=50 (x1.25 ramp from START_RATE + 2 bisections)
+#   twonode  two servers on one Redis, S=2000 R=20: fixed at 500 events/s, and the saturation search
+#   idle     S=5000 and S=10000 idle subscribers in 4 rooms: server RSS per connection
+# lamplight runs its embedded bus on one node and the Redis bus (--redis-url) on two; the peer always runs
+# its Redis adapter, as deployed.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+QUICK=${QUICK:-0}
+REPEATS=${REPEATS:-1}
+TARGETS=${TARGETS:-"socketio grpc"}
+PEERS=${PEERS:-/work/shared/peers}
+REDIS_PORT=${REDIS_PORT:-6391}
+BASE_PORT=${BASE_PORT:-3200}
+if [ "$QUICK" = 1 ]; then
+  ONLY=${ONLY:-"fixed sat idle"}
+  FIXED_T=${FIXED_T:-10}; SAT_T=${SAT_T:-5}; IDLE_HOLD=${IDLE_HOLD:-10}; WARM=2; SETTLE=5
+  IDLE_SIZES=${IDLE_SIZES:-5000}
+else
+  ONLY=${ONLY:-"fixed sat twonode idle"}
+  FIXED_T=${FIXED_T:-30}; SAT_T=${SAT_T:-10}; IDLE_HOLD=${IDLE_HOLD:-30}; WARM=5; SETTLE=10
+  IDLE_SIZES=${IDLE_SIZES:-"5000 10000"}
+fi
+START_RATE=${START_RATE:-800}
+OUT=${OUT:-$REPO/target/bench-compare/$(date -u +%Y%m%dT%H%M%SZ)}
+export JWT_SECRET=${JWT_SECRET:-lamplight-bench-secret}
+REDIS_URL="redis://127.0.0.1:${REDIS_PORT}"
+
+[ "$REDIS_PORT" != 6379 ] || { echo "REDIS_PORT must not be the shared 6379" >&2; exit 1; }
+for tool in cargo node npm redis-server redis-cli python3; do
+  command -v "$tool" >/dev/null || { echo "missing $tool (install it: see README)" >&2; exit 1; }
+done
+ulimit -n "$(ulimit -Hn)"
+[ "$(ulimit -n)" -ge 12000 ] || { echo "need ulimit -n >= 12000 (have $(ulimit -n))" >&2; exit 1; }
+
+# ---- build: lamplight, the peer and the loadgen (inside target/, which git ignores)
+WORK=$REPO/target/peers
+echo "== building (lamplight release, peer, loadgen)"
+(cd "$REPO" && cargo build --release --bin lamplight)
+LAMPLIGHT=$REPO/target/release/lamplight
+mkdir -p "$WORK"
+for part in socketio loadgen scripts README.md RESULTS.md; do
+  if [ -d "$PEERS/$part" ]; then
+    mkdir -p "$WORK/$part"
+    (cd "$PEERS/$part" && tar --exclude=node_modules --exclude=target -cf - .) | (cd "$WORK/$part" && tar -xf -)
+  else
+    cp "$PEERS/$part" "$WORK/$part"
+  fi
+done
+[ -d "$WORK/socketio/node_modules" ] || (cd "$WORK/socketio" && npm ci --no-audit --no-fund)
+(cd "$WORK/loadgen" && LAMPLIGHT_PROTO_ROOT=$REPO/proto CARGO_TARGET_DIR=$WORK/loadgen-target cargo build --release)
+LG=$WORK/loadgen-target/release/loadgen
+
+for t in $TARGETS; do mkdir -p "$OUT/$t"; done
+{
+  echo "date: $(date -u +%FT%TZ)"; uname -a; echo "nproc: $(nproc)"
+  grep -m1 'model name' /proc/cpuinfo || true; free -m | head -2
+  echo "node: $(node --version)"; redis-server --version; echo "loadgen: $($LG --version)"
+  echo "lamplight: $($LAMPLIGHT --version) ($(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$REPO" && git diff --quiet 2>/dev/null || echo '+changes'))"
+  echo "rustc: $(rustc --version)"; echo "ulimit -n: $(ulimit -n)"
+  echo "TARGETS=$TARGETS QUICK=$QUICK REPEATS=$REPEATS ONLY=$ONLY FIXED_T=$FIXED_T SAT_T=$SAT_T IDLE_HOLD=$IDLE_HOLD START_RATE=$START_RATE"
+} > "$OUT/env.txt"
+
+PIDS=()
+REDIS_PID=
+cleanup() {
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  [ -n "$REDIS_PID" ] && kill "$REDIS_PID" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
+  --pidfile "$OUT/redis.pid" --logfile "$OUT/redis.log"
+for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+REDIS_PID=$(cat "$OUT/redis.pid")
+
+wait_port() {
+  for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
+  echo "server on port $1 did not come up" >&2; return 1
+}
+
+# start_server TARGET PORT NODES -> SPID
+start_server() {
+  local target=$1 port=$2 nodes=$3 log="$OUT/$1/server-$2.log"
+  local workers=()
+  [ "$target" = grpc-1w ] && workers=(TOKIO_WORKER_THREADS=1)
+  if [ "$target" = socketio ]; then
+    PORT=$port REDIS_URL=$REDIS_URL node "$WORK/socketio/server.js" >>"$log" 2>&1 &
+  elif [ "$nodes" = 2 ]; then
+    env -u REDIS_URL "${workers[@]}" "$LAMPLIGHT" --listen "127.0.0.1:$port" --jwt-secret "$JWT_SECRET" \
+      --redis-url "$REDIS_URL" >>"$log" 2>&1 &
+  else
+    env -u REDIS_URL "${workers[@]}" "$LAMPLIGHT" --listen "127.0.0.1:$port" \
+      --jwt-secret "$JWT_SECRET" >>"$log" 2>&1 &
+  fi
+  SPID=$!
+  PIDS+=("$SPID")
+  wait_port "$port"
+  sleep 1
+}
+
+stop_server() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+# run TARGET NODES NAME LOADGEN-ARGS...
+run() {
+  local target=$1 nodes=$2 name=$3; shift 3
+  local p1 p2 addr pids
+  start_server "$target" "$BASE_PORT" "$nodes"; p1=$SPID
+  addr="127.0.0.1:$BASE_PORT"; pids=$p1
+  if [ "$nodes" = 2 ]; then
+    start_server "$target" "$((BASE_PORT + 1))" 2; p2=$SPID
+    addr="$addr,127.0.0.1:$((BASE_PORT + 1))"; pids="$pids,$p2"
+  fi
+  echo "[$(date -u +%T)] $target $name $*" | tee -a "$OUT/progress.log"
+  local lg_target=grpc
+  [ "$target" = socketio ] && lg_target=socketio
+  "$LG" --target "$lg_target" --label "$name" --addr "$addr" --server-pid "$pids" --redis-pid "$REDIS_PID" \
+    --json-out "$OUT/$target/$name.jsonl" "$@" >/dev/null 2>>"$OUT/$target/$name.log" \
+    || echo "  loadgen failed (see $OUT/$target/$name.log)" | tee -a "$OUT/progress.log"
+  tail -n 1 "$OUT/$target/$name.log" | cut -c1-300 | tee -a "$OUT/progress.log"
+  stop_server "$p1"; [ "$nodes" = 2 ] && stop_server "$p2"
+  sleep 2
+}
+
+both() { # NODES NAME ARGS...: every target in turn (the peer first)
+  for t in $TARGETS; do run "$t" "$@"; done
+}
+
+SAT="--mode saturate --duration $SAT_T --warmup 3 --factor 1.25 --refine 2 --start-rate $START_RATE"
+for rep in $(seq "$REPEATS"); do
+  echo "=== repeat $rep/$REPEATS" | tee -a "$OUT/progress.log"
+  for group in $ONLY; do
+    case $group in
+      fixed)
+        both 1 fanout-S1000-R10-E500 --mode fanout --subs 1000 --rooms 10 --rate 500 --duration "$FIXED_T" --warmup "$WARM"
+        both 1 fanout-S5000-R50-E500 --mode fanout --subs 5000 --rooms 50 --rate 500 --duration "$FIXED_T" --warmup "$WARM"
+        ;;
+      sat)
+        both 1 sat-S1000-R10 $SAT --subs 1000 --rooms 10
+        both 1 sat-S5000-R50 $SAT --subs 5000 --rooms 50
+        ;;
+      twonode)
+        both 2 twonode-S2000-R20-E500 --mode fanout --subs 2000 --rooms 20 --rate 500 --duration "$FIXED_T" --warmup "$WARM"
+        both 2 sat-twonode-S2000-R20 $SAT --subs 2000 --rooms 20
+        ;;
+      idle)
+        for s in $IDLE_SIZES; do
+          both 1 "idle-S$s" --mode idle --subs "$s" --settle "$SETTLE" --duration "$IDLE_HOLD"
+        done
+        ;;
+      *) echo "unknown group $group" >&2; exit 1 ;;
+    esac
+  done
+done
+python3 "$REPO/bench/compare_table.py" --proto "$REPO/proto/lamplight/v1/events.proto" "$OUT" | tee "$OUT/table.md"
+echo "results: $OUT"
