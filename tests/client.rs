@@ -3,6 +3,8 @@
 //! with `Reset` after a restart that lost history, token refresh, terminal errors, a slow consumer, the
 //! heartbeat watchdog on a connection that went silent, and the `lamplight` binary killed (SIGKILL) and
 //! restarted mid-stream, with the memory bus and with a private Redis.
+#[path = "support/redis.rs"]
+mod redis_support;
 mod support;
 
 use std::collections::{BTreeMap, HashSet};
@@ -18,6 +20,7 @@ use lamplight::client::{
     StaticToken, Subscription, SubscriptionEvent, TokenError,
 };
 use lamplight::proto::v1::{event::Payload, Custom, Event};
+use redis_support::RedisServer;
 use support::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -704,49 +707,6 @@ impl Binary {
     }
 }
 
-/// A private `redis-server` on a free port (never the shared one on 6379); killed when dropped.
-struct PrivateRedis {
-    child: tokio::process::Child,
-    url: String,
-}
-
-impl PrivateRedis {
-    async fn start() -> Self {
-        let port = free_addr().await.port();
-        let mut child = tokio::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server is needed for this test: apt-get install redis-server");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let ready = async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                if line.contains("Ready to accept connections") {
-                    return true;
-                }
-            }
-            false
-        };
-        assert!(
-            tokio::time::timeout(WAIT, ready).await.unwrap_or(false),
-            "redis-server did not start on port {port}"
-        );
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Self {
-            child,
-            url: format!("redis://127.0.0.1:{port}/0"),
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
-
 /// Publishes `total` events in a background task, one every few milliseconds without waiting for the
 /// answers, and counts the calls, so the test can kill the server while publishes are in flight and let
 /// some queue up during the outage.
@@ -813,8 +773,9 @@ async fn collect(sub: &mut Subscription, want: usize) -> (Vec<Event>, Vec<String
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_and_restarted_with_redis_nothing_is_lost_or_duplicated() {
     const TOTAL: usize = 60;
-    let redis = PrivateRedis::start().await;
-    let flags = ["--redis-url", redis.url.as_str()];
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let flags = ["--redis-url", url.as_str()];
     let addr = free_addr().await;
     let server = Binary::start(addr, &flags).await;
     let subscriber = client(addr, user_token("u1")).await;

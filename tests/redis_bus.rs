@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use lamplight::proto::v1::{
     event::Payload, subscribe_response::Kind, user_status, Event, GetPresenceRequest,
-    PublishRequest, Task,
+    PublishRequest,
 };
 use redis_support::*;
 use support::*;
@@ -19,15 +19,7 @@ use tonic::Code;
 const ROOM: &str = "tenant:t1:project:p1";
 
 fn task(room: &str, n: usize) -> Event {
-    Event {
-        room: room.into(),
-        r#type: "task.created".into(),
-        payload: Some(Payload::Task(Task {
-            id: format!("task-{n}"),
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
+    task_event(room, &format!("task-{n}"))
 }
 
 async fn publish(

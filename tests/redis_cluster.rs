@@ -10,22 +10,14 @@ use std::time::Duration;
 
 use lamplight::proto::v1::{
     event::Payload, subscribe_response::Kind, user_status, Event, GetPresenceRequest,
-    PublishRequest, SubscribeResponse, Task,
+    PublishRequest, SubscribeResponse,
 };
 use redis_support::*;
 use support::*;
 use tonic::Streaming;
 
 fn task(room: &str, n: usize) -> Event {
-    Event {
-        room: room.into(),
-        r#type: "task.created".into(),
-        payload: Some(Payload::Task(Task {
-            id: format!("task-{n}"),
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
+    task_event(room, &format!("task-{n}"))
 }
 
 async fn publish(client: &mut Client, room: &str, n: usize, key: &str) -> String {
