@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Markdown tables (peer vs lamplight, with ratios and the goals) from bench/compare.sh results.
 
-usage: compare_table.py [--proto PATH] OUT_DIR
+usage: compare_table.py [--proto PATH] [--max-other CORES] OUT_DIR
 Reads OUT_DIR/<target>/*.jsonl (one loadgen JSON line per run) for the targets socketio (the peer), grpc
 (lamplight) and any other grpc-* variant (e.g. grpc-1w: one worker thread); every cell is the median over
-repeats, with [min-max] when there were several. Goals are judged on grpc.
+repeats, with [min-max] when there were several. Goals are judged on grpc. Runs during which other
+processes (e.g. someone's compiler) used more than --max-other cores are left out and listed.
 """
 import argparse
 import glob
@@ -22,14 +23,29 @@ def targets_in(out):
     return [t for t in order if t in found] + [t for t in found if t not in order]
 
 
-def load(out, targets):
-    runs = {}
+def other_cores(run):
+    """The most cores other processes used in any measured window of the run."""
+    if run.get("mode") == "idle":
+        return run["idle"]["machine_during_hold"]["other_cores"]
+    steps = [run["result"]] if run.get("result") else run.get("steps", [])
+    return max((s["machine"]["other_cores"] for s in steps), default=0.0)
+
+
+def load(out, targets, max_other):
+    runs, noisy = {}, []
     for target in targets:
         for path in sorted(glob.glob(os.path.join(out, target, "*.jsonl"))):
             name = os.path.basename(path)[: -len(".jsonl")]
             with open(path) as f:
-                runs[(target, name)] = [json.loads(l) for l in f if l.strip()]
-    return runs
+                for line in f:
+                    if not line.strip():
+                        continue
+                    run = json.loads(line)
+                    if other_cores(run) > max_other:
+                        noisy.append(f"{target}/{name} (other processes {other_cores(run):.2f} cores)")
+                    else:
+                        runs.setdefault((target, name), []).append(run)
+    return runs, noisy
 
 
 def fmt(v):
@@ -123,9 +139,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--proto", help="warn when the loadgen was built from another proto")
+    ap.add_argument("--max-other", type=float, default=0.3, help="leave out runs noisier than this (cores)")
     a = ap.parse_args()
     targets = targets_in(a.out)
-    runs = load(a.out, targets)
+    runs, noisy = load(a.out, targets, a.max_other)
     ours = [t for t in targets if t != "socketio"]
     name = lambda t: NAMES.get(t, t)
     lines = []
@@ -200,6 +217,8 @@ def main():
     lines.append("| " + " | ".join(row) + " |")
     lines.append("")
 
+    if noisy:
+        lines.append(f"Left out (other processes above {a.max_other} cores in a measured window): " + "; ".join(noisy) + "\n")
     scenarios = sorted({s for (_, s) in runs})
     for scenario in scenarios:
         sample = next(rs[0] for (t, sc), rs in runs.items() if sc == scenario)
