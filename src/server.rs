@@ -110,8 +110,11 @@ pub async fn serve(
     );
 
     // Middleware, outermost first: trace -> CORS -> grpc-web -> (auth interceptor) -> services.
+    // Non-OK statuses are the API working as documented (expired tokens, denied rooms, streams ended for
+    // slow consumers or shutdown): debug level. Real failures are logged where they happen.
+    let quiet_failures = tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG);
     let layers = tower::ServiceBuilder::new()
-        .layer(tower_http::trace::TraceLayer::new_for_grpc())
+        .layer(tower_http::trace::TraceLayer::new_for_grpc().on_failure(quiet_failures))
         .layer(cors)
         .layer(tonic_web::GrpcWebLayer::new());
     let router = tonic::transport::Server::builder()
