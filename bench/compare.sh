@@ -12,8 +12,11 @@
 # Env knobs [defaults]:
 #   REPEATS [1]          repeats of every scenario (the table shows medians)
 #   TARGETS ["socketio grpc"]  socketio = the peer; grpc = lamplight (tokio's default runtime: one worker
-#                        thread per core); grpc-1w = lamplight with TOKIO_WORKER_THREADS=1, which leaves the
-#                        other core to the loadgen, as the single-threaded peer does
+#                        thread per core); grpc-1w = lamplight with --worker-threads 1, which leaves the
+#                        other core to the loadgen, as the single-threaded peer does; tonic-floor = the
+#                        peers' mock-lamplight (bare tonic on one thread: no auth, history, presence or
+#                        Redis; an mpsc per stream, events dropped when full), i.e. what the HTTP/2 stack
+#                        itself costs; it has no two-node mode, so twonode skips it
 #   ONLY ["fixed sat twonode idle"]   scenario groups (see below)
 #   PEERS [/work/shared/peers]        read-only source of the peer and the loadgen; copied to target/peers
 #   REDIS_PORT [6391]    a private redis-server for the peer and two-node lamplight (never 6379)
@@ -107,16 +110,18 @@ wait_port() {
 # start_server TARGET PORT NODES -> SPID
 start_server() {
   local target=$1 port=$2 nodes=$3 log="$OUT/$1/server-$2.log"
-  local workers=()
-  [ "$target" = grpc-1w ] && workers=(TOKIO_WORKER_THREADS=1)
+  local extra=()
+  [ "$target" = grpc-1w ] && extra=(--worker-threads 1)
   if [ "$target" = socketio ]; then
     PORT=$port REDIS_URL=$REDIS_URL node "$WORK/socketio/server.js" >>"$log" 2>&1 &
+  elif [ "$target" = tonic-floor ]; then
+    "$WORK/loadgen-target/release/mock-lamplight" "127.0.0.1:$port" >>"$log" 2>&1 &
   elif [ "$nodes" = 2 ]; then
-    env -u REDIS_URL "${workers[@]}" "$LAMPLIGHT" --listen "127.0.0.1:$port" --jwt-secret "$JWT_SECRET" \
-      --redis-url "$REDIS_URL" >>"$log" 2>&1 &
+    env -u REDIS_URL "$LAMPLIGHT" --listen "127.0.0.1:$port" --jwt-secret "$JWT_SECRET" \
+      --redis-url "$REDIS_URL" "${extra[@]}" >>"$log" 2>&1 &
   else
-    env -u REDIS_URL "${workers[@]}" "$LAMPLIGHT" --listen "127.0.0.1:$port" \
-      --jwt-secret "$JWT_SECRET" >>"$log" 2>&1 &
+    env -u REDIS_URL "$LAMPLIGHT" --listen "127.0.0.1:$port" \
+      --jwt-secret "$JWT_SECRET" "${extra[@]}" >>"$log" 2>&1 &
   fi
   SPID=$!
   PIDS+=("$SPID")
@@ -148,7 +153,10 @@ run() {
 }
 
 both() { # NODES NAME ARGS...: every target in turn (the peer first)
-  for t in $TARGETS; do run "$t" "$@"; done
+  for t in $TARGETS; do
+    [ "$t" = tonic-floor ] && [ "$1" = 2 ] && continue # the mock has no Redis: no second node
+    run "$t" "$@"
+  done
 }
 
 SAT="--mode saturate --duration $SAT_T --warmup 3 --factor 1.25 --refine 2 --start-rate $START_RATE"

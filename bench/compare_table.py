@@ -3,7 +3,7 @@
 
 usage: compare_table.py [--proto PATH] [--max-other CORES] OUT_DIR
 Reads OUT_DIR/<target>/*.jsonl (one loadgen JSON line per run) for the targets socketio (the peer), grpc
-(lamplight) and any other grpc-* variant (e.g. grpc-1w: one worker thread); every cell is the median over
+(lamplight) and any other variant (grpc-1w: one worker thread; tonic-floor: the peers' bare tonic mock); every cell is the median over
 repeats, with [min-max] when there were several. Goals are judged on grpc. Runs during which other
 processes (e.g. someone's compiler) used more than --max-other cores are left out and listed.
 """
@@ -14,7 +14,12 @@ import json
 import os
 import statistics
 
-NAMES = {"socketio": "Socket.IO peer", "grpc": "lamplight", "grpc-1w": "lamplight, 1 worker"}
+NAMES = {
+    "socketio": "Socket.IO peer",
+    "grpc": "lamplight",
+    "grpc-1w": "lamplight, 1 worker",
+    "tonic-floor": "bare tonic (mock)",
+}
 
 
 def targets_in(out):

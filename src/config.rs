@@ -219,6 +219,13 @@ pub struct Config {
     /// set. One per process.
     #[arg(long, env = "LAMPLIGHT_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+
+    /// Threads that run connections (tokio workers). Default: one per CPU core. On a small machine shared
+    /// with other busy processes (a sidecar, a load generator), fewer threads than cores avoid being
+    /// descheduled mid-fan-out: see BENCHMARKS.md. Used by the `lamplight` binary, not by `serve()`.
+    #[arg(long, env = "LAMPLIGHT_WORKER_THREADS",
+          value_parser = clap::value_parser!(u64).range(1..=1024).map(|v| v as usize))]
+    pub worker_threads: Option<usize>,
 }
 
 impl Config {
@@ -241,6 +248,7 @@ impl Config {
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
             log_format: LogFormat::Pretty,
             metrics_listen: None,
+            worker_threads: None,
             redis: RedisConfig::default(),
         }
     }

@@ -28,7 +28,12 @@ fn main() -> anyhow::Result<()> {
             .init(),
         LogFormat::Pretty => tracing_subscriber::fmt().with_env_filter(filter).init(),
     }
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(threads) = config.worker_threads {
+        runtime.worker_threads(threads);
+    }
+    let runtime = runtime.build().context("cannot start the tokio runtime")?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await

@@ -104,6 +104,8 @@ impl Process {
             .env("LAMPLIGHT_JWT_SECRET", SECRET)
             // Exiting within 5 s below must come from the streams closing, not from the grace period.
             .env("LAMPLIGHT_SHUTDOWN_GRACE_SECS", "30")
+            // The binary builds its own runtime: one worker thread must serve streams and shutdown alike.
+            .env("LAMPLIGHT_WORKER_THREADS", "1")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
