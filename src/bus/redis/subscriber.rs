@@ -37,17 +37,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// The task that owns the pub/sub connection. See the module docs.
 pub(crate) struct Subscriber {
-    pub(crate) table: Arc<RoomTable>,
-    pub(crate) commands: mpsc::UnboundedReceiver<Command>,
-    pub(crate) target: Target,
-    pub(crate) timeout: Duration,
-    /// The command connection, for reading streams.
-    pub(crate) cmd: Conn,
-    pub(crate) settings: RoomSettings,
-    /// This node's probe channel; the nonces received go to `probe_seen`.
-    pub(crate) health_channel: String,
-    pub(crate) probe_seen: watch::Sender<u64>,
-    pub(crate) cancel: CancellationToken,
+    parts: SubscriberParts,
     sub: Conn,
     queue: PushQueue,
     pushes: mpsc::Receiver<PushInfo>,
@@ -61,8 +51,10 @@ pub(crate) struct SubscriberParts {
     pub(crate) commands: mpsc::UnboundedReceiver<Command>,
     pub(crate) target: Target,
     pub(crate) timeout: Duration,
+    /// The command connection, for reading streams.
     pub(crate) cmd: Conn,
     pub(crate) settings: RoomSettings,
+    /// This node's probe channel; the nonces received go to `probe_seen`.
     pub(crate) health_channel: String,
     pub(crate) probe_seen: watch::Sender<u64>,
     pub(crate) cancel: CancellationToken,
@@ -81,15 +73,7 @@ impl Subscriber {
         let channel = [parts.health_channel.clone()];
         bounded(parts.timeout, "subscribe (health)", sub.subscribe(&channel)).await?;
         Ok(Self {
-            table: parts.table,
-            commands: parts.commands,
-            target: parts.target,
-            timeout: parts.timeout,
-            cmd: parts.cmd,
-            settings: parts.settings,
-            health_channel: parts.health_channel,
-            probe_seen: parts.probe_seen,
-            cancel: parts.cancel,
+            parts,
             sub,
             queue,
             pushes,
@@ -105,13 +89,13 @@ impl Subscriber {
                 continue;
             }
             tokio::select! {
-                _ = self.cancel.cancelled() => return,
+                _ = self.parts.cancel.cancelled() => return,
                 push = self.pushes.recv() => match push {
                     Some(push) => self.on_push(push).await,
                     // The connection dropped its sender: it is gone for good. Replace it.
                     None => self.recover(true).await,
                 },
-                command = self.commands.recv() => match command {
+                command = self.parts.commands.recv() => match command {
                     Some(command) => self.on_command(command).await,
                     None => return,
                 },
@@ -130,12 +114,12 @@ impl Subscriber {
                 else {
                     return;
                 };
-                if channel.as_slice() == self.health_channel.as_bytes() {
+                if channel.as_slice() == self.parts.health_channel.as_bytes() {
                     if let Some(nonce) = std::str::from_utf8(message)
                         .ok()
                         .and_then(|s| s.parse::<u64>().ok())
                     {
-                        self.probe_seen.send_if_modified(|seen| {
+                        self.parts.probe_seen.send_if_modified(|seen| {
                             let newer = nonce > *seen;
                             if newer {
                                 *seen = nonce;
@@ -144,7 +128,7 @@ impl Subscriber {
                         });
                     }
                 } else if let Some(room) = RoomKeys::room_of_channel(channel) {
-                    self.table.deliver(room, message);
+                    self.parts.table.deliver(room, message);
                 }
             }
             PushKind::Disconnection => {
@@ -152,10 +136,11 @@ impl Subscriber {
                 self.recover(false).await;
             }
             // A cluster node moved a sharded subscription away (resharding): subscribe again.
-            PushKind::SUnsubscribe if self.target.is_cluster() => {
+            PushKind::SUnsubscribe if self.parts.target.is_cluster() => {
                 if let Some(Value::BulkString(channel)) = push.data.first() {
-                    let live = RoomKeys::room_of_channel(channel)
-                        .is_some_and(|room| self.table.live_rooms().iter().any(|r| &**r == room));
+                    let live = RoomKeys::room_of_channel(channel).is_some_and(|room| {
+                        self.parts.table.live_rooms().iter().any(|r| &**r == room)
+                    });
                     if live {
                         self.recover(false).await;
                     }
@@ -169,12 +154,16 @@ impl Subscriber {
         match command {
             Command::Subscribe(room) => self.subscribe(room).await,
             Command::Unsubscribe(room) => {
-                if lock(&self.table.slots).contains_key(&room) {
+                if lock(&self.parts.table.slots).contains_key(&room) {
                     return; // Joined again meanwhile; its Subscribe follows.
                 }
                 let channel = RoomKeys::new(&room).channel;
-                if let Err(e) =
-                    bounded(self.timeout, "unsubscribe", self.sub.unsubscribe(&channel)).await
+                if let Err(e) = bounded(
+                    self.parts.timeout,
+                    "unsubscribe",
+                    self.sub.unsubscribe(&channel),
+                )
+                .await
                 {
                     // A broken connection loses its subscriptions anyway; recovery resubscribes live rooms only.
                     tracing::debug!(room = %room, error = %e, "unsubscribe failed");
@@ -194,7 +183,7 @@ impl Subscriber {
     async fn subscribe(&mut self, first: Arc<str>) {
         let mut rooms = vec![first];
         while rooms.len() < SUBSCRIBE_BATCH {
-            match self.commands.try_recv() {
+            match self.parts.commands.try_recv() {
                 Ok(Command::Subscribe(room)) => rooms.push(room),
                 Ok(other) => {
                     self.backlog.push_back(other);
@@ -205,7 +194,7 @@ impl Subscriber {
         }
         rooms.retain(|room| {
             matches!(
-                lock(&self.table.slots).get(room).map(|s| &s.state),
+                lock(&self.parts.table.slots).get(room).map(|s| &s.state),
                 Some(SlotState::Pending(_))
             )
         });
@@ -213,15 +202,15 @@ impl Subscriber {
             return;
         }
         let channels: Vec<String> = rooms.iter().map(|r| RoomKeys::new(r).channel).collect();
-        let budget = self.timeout * (2 + (channels.len() / 256) as u32);
+        let budget = self.parts.timeout * (2 + (channels.len() / 256) as u32);
         let subscribed = bounded(budget, "subscribe", self.sub.subscribe(&channels)).await;
         let reads: Vec<Result<scripts::ReadResult, BusError>> = match subscribed {
             Ok(()) => {
-                let (timeout, settings) = (self.timeout, self.settings);
+                let (timeout, settings) = (self.parts.timeout, self.parts.settings);
                 let reads: Vec<BoxFuture<'static, Result<scripts::ReadResult, BusError>>> = rooms
                     .iter()
                     .map(|room| {
-                        let (mut conn, room) = (self.cmd.clone(), room.clone());
+                        let (mut conn, room) = (self.parts.cmd.clone(), room.clone());
                         async move {
                             bounded(
                                 timeout,
@@ -249,7 +238,7 @@ impl Subscriber {
         // Decide under the lock, await after it.
         let mut unsubscribe = Vec::new();
         {
-            let mut slots = lock(&self.table.slots);
+            let mut slots = lock(&self.parts.table.slots);
             for ((room, channel), result) in rooms.iter().zip(channels).zip(reads) {
                 let waiters = match slots.get_mut(room).map(|slot| &mut slot.state) {
                     // Everyone left while we subscribed.
@@ -286,13 +275,18 @@ impl Subscriber {
             }
         }
         for channel in unsubscribe {
-            let _ = bounded(self.timeout, "unsubscribe", self.sub.unsubscribe(&channel)).await;
+            let _ = bounded(
+                self.parts.timeout,
+                "unsubscribe",
+                self.sub.unsubscribe(&channel),
+            )
+            .await;
         }
         self.count_subscriptions();
     }
 
     fn count_subscriptions(&self) {
-        metrics::gauge!(REDIS_SUBSCRIPTIONS).set(self.table.live_rooms().len() as f64);
+        metrics::gauge!(REDIS_SUBSCRIPTIONS).set(self.parts.table.live_rooms().len() as f64);
     }
 
     /// Re-subscribes every live room and fills each room's gap from its stream, retrying with backoff
@@ -301,7 +295,7 @@ impl Subscriber {
         let mut delay = Duration::from_millis(50);
         let mut attempt = 0u32;
         loop {
-            if self.cancel.is_cancelled() {
+            if self.parts.cancel.is_cancelled() {
                 return;
             }
             attempt += 1;
@@ -321,7 +315,7 @@ impl Subscriber {
                     // After two failed attempts on the old connection, start from a new one.
                     fresh = fresh || attempt >= 2;
                     tokio::select! {
-                        _ = self.cancel.cancelled() => return,
+                        _ = self.parts.cancel.cancelled() => return,
                         _ = tokio::time::sleep(delay) => {}
                     }
                     delay = (delay * 2).min(MAX_BACKOFF);
@@ -334,9 +328,9 @@ impl Subscriber {
         if fresh {
             let (queue, pushes) = PushQueue::new(PUSH_QUEUE);
             let sub = bounded(
-                self.timeout,
+                self.parts.timeout,
                 "connect (subscriber)",
-                Conn::subscriber(&self.target, self.timeout, queue.clone()),
+                Conn::subscriber(&self.parts.target, self.parts.timeout, queue.clone()),
             )
             .await?;
             // Pushes of the old connection are stale now: the catch-up below covers them.
@@ -344,11 +338,11 @@ impl Subscriber {
             self.queue = queue;
             self.pushes = pushes;
         }
-        let rooms = self.table.live_rooms();
+        let rooms = self.parts.table.live_rooms();
         let mut channels = Vec::with_capacity(rooms.len() + 1);
-        channels.push(self.health_channel.clone());
+        channels.push(self.parts.health_channel.clone());
         channels.extend(rooms.iter().map(|r| RoomKeys::new(r).channel));
-        let budget = self.timeout * (2 + (channels.len() / 256) as u32);
+        let budget = self.parts.timeout * (2 + (channels.len() / 256) as u32);
         bounded(budget, "resubscribe", self.sub.subscribe(&channels)).await?;
         self.catch_up(&rooms).await?;
         Ok(rooms.len())
@@ -359,7 +353,7 @@ impl Subscriber {
     async fn catch_up(&mut self, rooms: &[Arc<str>]) -> Result<(), BusError> {
         let mut bases = Vec::with_capacity(rooms.len());
         {
-            let slots = lock(&self.table.slots);
+            let slots = lock(&self.parts.table.slots);
             for room in rooms {
                 if let Some(SlotState::Live { epoch, delivered }) =
                     slots.get(room).map(|s| &s.state)
@@ -368,11 +362,11 @@ impl Subscriber {
                 }
             }
         }
-        let (timeout, settings) = (self.timeout, self.settings);
+        let (timeout, settings) = (self.parts.timeout, self.parts.settings);
         let reads: Vec<BoxFuture<'static, Result<Gap, BusError>>> = bases
             .into_iter()
             .map(|(room, epoch, delivered)| {
-                let conn = self.cmd.clone();
+                let conn = self.parts.cmd.clone();
                 read_gap(conn, timeout, settings, room, epoch, delivered).boxed()
             })
             .collect();
@@ -381,7 +375,7 @@ impl Subscriber {
             .collect()
             .await;
         for gap in gaps {
-            self.table.fill(gap?);
+            self.parts.table.fill(gap?);
         }
         Ok(())
     }
