@@ -140,6 +140,17 @@ impl Process {
         }
     }
 
+    /// Threads of the process named as tokio names its runtime workers (the server spawns no blocking
+    /// threads, so these are the workers).
+    fn runtime_workers(&self) -> usize {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid))
+            .expect("read /proc/<pid>/task (Linux)");
+        tasks
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .filter(|name| name.trim() == "tokio-rt-worker")
+            .count()
+    }
+
     fn logs(&self) -> String {
         self.logs.lock().unwrap().clone()
     }
@@ -240,6 +251,11 @@ fn cli_token(secret: &str, args: &[&str]) -> String {
 async fn sigterm_ends_streams_with_unavailable_and_the_process_exits_zero() {
     let mut process = Process::start();
     process.wait_ready().await;
+    assert_eq!(
+        process.runtime_workers(),
+        1,
+        "LAMPLIGHT_WORKER_THREADS=1 gives the runtime one worker thread"
+    );
 
     // `lamplight token` with the server's secret mints a token the server accepts ...
     let token = cli_token(SECRET, &["--sub", "u1", "--tid", "t1", "--projects", "p1"]);
