@@ -43,6 +43,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tonic::metadata::{Ascii, MetadataValue};
 
+use crate::client::{bearer, with_scheme};
 use crate::config::JwtConfig;
 use procfs::round3;
 use publisher::Publisher;
@@ -187,12 +188,18 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
 /// line to standard output (and `--json-out`), and returns the JSON line.
 pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
     check(&args)?;
-    let urls: Vec<String> = args.addr.iter().map(|a| url(a)).collect();
+    let urls: Vec<String> = args.addr.iter().map(|a| with_scheme(a)).collect();
     let minter = workload::Minter::new(&args.jwt)?;
     let tally = Arc::new(Tally::new(urls.len()));
     let specs = match args.workload {
         Workload::Idle => workload::idle(args.subs, urls.len()),
         Workload::Fanout | Workload::TwoNode => workload::fanout(args.subs, args.rooms, urls.len()),
+    };
+    // Idle subscribers each join their own 4 rooms; --rooms shapes the fan-out workloads only.
+    let rooms = if args.workload == Workload::Idle {
+        4
+    } else {
+        args.rooms
     };
     let rss_before: Vec<procfs::Sample> =
         args.server_pid.iter().map(|p| procfs::sample(*p)).collect();
@@ -202,11 +209,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
             "lamplight bench: {:?} S={} R={} on {} (bench threads {})",
             args.workload,
             args.subs,
-            if args.workload == Workload::Idle {
-                4
-            } else {
-                args.rooms
-            },
+            rooms,
             urls.join(","),
             args.threads
         );
@@ -227,7 +230,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
         "connect_failures": connected.failures,
         "connect_error": connected.first_error,
         "connect_secs": round3(connected.secs),
-        "rooms": if args.workload == Workload::Idle { 4 } else { args.rooms },
+        "rooms": rooms,
         "rooms_per_subscriber": specs.first().map_or(0, |s| s.rooms.len()),
         "payload_bytes": args.payload_bytes,
         "bench_threads": args.threads,
@@ -287,17 +290,8 @@ fn check(args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `host:port` -> `http://host:port`.
-fn url(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    }
-}
-
 fn authorization(token: &str) -> anyhow::Result<MetadataValue<Ascii>> {
-    MetadataValue::try_from(format!("Bearer {token}")).context("token is not a valid header value")
+    bearer(token).context("token is not a valid header value")
 }
 
 /// The subscribers that are subscribed.

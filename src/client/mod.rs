@@ -229,7 +229,7 @@ impl Shared {
         } else {
             self.tokens.token().await?
         };
-        let value = format!("Bearer {token}").parse().map_err(|_| {
+        let value = bearer(&token).map_err(|_| {
             TokenError::new("the token contains characters not allowed in metadata")
         })?;
         let mut request = Request::new(message);
@@ -255,10 +255,7 @@ impl Client {
         tokens: impl TokenSource,
         config: ClientConfig,
     ) -> Result<Self, ClientError> {
-        let mut endpoint: String = endpoint.into();
-        if !endpoint.contains("://") {
-            endpoint = format!("http://{endpoint}");
-        }
+        let endpoint = with_scheme(&endpoint.into());
         let invalid = |reason: String| ClientError::InvalidEndpoint {
             endpoint: endpoint.clone(),
             reason,
@@ -383,4 +380,23 @@ impl Client {
             }
         }
     }
+}
+
+/// `host:port` -> `http://host:port`; an address that names its scheme is kept as it is.
+pub(crate) fn with_scheme(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// The `authorization` metadata value carrying `token`; fails for characters metadata cannot hold.
+pub(crate) fn bearer(
+    token: &str,
+) -> Result<
+    tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    tonic::metadata::errors::InvalidMetadataValue,
+> {
+    format!("Bearer {token}").parse()
 }
