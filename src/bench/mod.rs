@@ -474,7 +474,7 @@ async fn idle(
     }
     tokio::time::sleep(Duration::from_secs_f64(args.duration_secs)).await;
     let end: Vec<procfs::Sample> = args.server_pid.iter().map(|p| procfs::sample(*p)).collect();
-    let metrics_after = scrape_all(&args.metrics).await;
+    let metrics_after = scrape::gather(scrape::start_all(&args.metrics)).await;
     let held = held_from.elapsed().as_secs_f64();
     let connections = connected.seen.len() as f64;
     let per_server = connections / args.addr.len() as f64;
@@ -527,18 +527,4 @@ async fn idle(
         "bench_rss_per_connection_kib": round3(bench_per_conn),
         "disconnects": disconnects,
     }))
-}
-
-async fn scrape_all(urls: &[String]) -> Vec<Option<scrape::Metrics>> {
-    let mut out = Vec::new();
-    for url in urls {
-        out.push(match scrape::scrape(url).await {
-            Ok(m) => Some(m),
-            Err(e) => {
-                eprintln!("bench: {e:#}");
-                None
-            }
-        });
-    }
-    out
 }

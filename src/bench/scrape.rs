@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinHandle;
 
 use crate::metrics::{
     EVENTS_DELIVERED, EVENTS_DROPPED, EVENTS_PUBLISHED, SLOW_CONSUMER_DISCONNECTS, STREAMS_OPEN,
@@ -16,6 +17,35 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Metric name -> value, summed over label sets.
 pub(super) type Metrics = HashMap<String, f64>;
+
+/// Starts scraping every endpoint in the background (so a paced publisher keeps its pace); see [`gather`].
+pub(super) fn start_all(urls: &[String]) -> Vec<JoinHandle<anyhow::Result<Metrics>>> {
+    urls.iter()
+        .map(|url| {
+            let url = url.clone();
+            tokio::spawn(async move { scrape(&url).await })
+        })
+        .collect()
+}
+
+/// The results of [`start_all`], in order; an endpoint that failed is reported on standard error and is
+/// `None`.
+pub(super) async fn gather(
+    handles: Vec<JoinHandle<anyhow::Result<Metrics>>>,
+) -> Vec<Option<Metrics>> {
+    let mut out = Vec::with_capacity(handles.len());
+    for handle in handles {
+        out.push(match handle.await {
+            Ok(Ok(m)) => Some(m),
+            Ok(Err(e)) => {
+                eprintln!("bench: {e:#}");
+                None
+            }
+            Err(_) => None,
+        });
+    }
+    out
+}
 
 /// `GET` the metrics at `url` (`http://host:port[/path]` or `host:port`).
 pub(super) async fn scrape(url: &str) -> anyhow::Result<Metrics> {

@@ -39,32 +39,9 @@ impl Samples {
             servers: args.server_pid.iter().map(|p| procfs::sample(*p)).collect(),
             bench: procfs::sample(std::process::id()),
             machine_busy_secs: procfs::machine_busy_secs(),
-            // Scraped in the background so the publisher keeps its pace.
-            metrics: args
-                .metrics
-                .iter()
-                .map(|url| {
-                    let url = url.clone();
-                    tokio::spawn(async move { scrape::scrape(&url).await })
-                })
-                .collect(),
+            metrics: scrape::start_all(&args.metrics),
         }
     }
-}
-
-async fn metrics_of(handles: Vec<JoinHandle<anyhow::Result<Metrics>>>) -> Vec<Option<Metrics>> {
-    let mut out = Vec::with_capacity(handles.len());
-    for handle in handles {
-        out.push(match handle.await {
-            Ok(Ok(m)) => Some(m),
-            Ok(Err(e)) => {
-                eprintln!("bench: {e:#}");
-                None
-            }
-            Err(_) => None,
-        });
-    }
-    out
 }
 
 /// A fan-out run: the connected subscribers, their rooms, and the publisher.
@@ -181,8 +158,8 @@ impl FanoutRun<'_> {
             .chain([&bench])
             .filter_map(|p| p.cpu_cores)
             .sum();
-        let before = metrics_of(start.metrics).await;
-        let after = metrics_of(end.metrics).await;
+        let before = scrape::gather(start.metrics).await;
+        let after = scrape::gather(end.metrics).await;
         let server_metrics = args
             .metrics
             .iter()
