@@ -1,11 +1,13 @@
 //! Who may do what with which room. Pure functions of a verified [`Principal`] and a parsed [`Room`].
 //!
-//! - `user:{sub}`: only that user.
+//! - `tenant:{tid}:user:{sub}`: only that user of that tenant. `user:{sub}` is shorthand for it in the
+//!   token's own tenant ([`canonical`]); a token without `tid` must name the tenant.
 //! - `tenant:{tid}`: members of the tenant.
 //! - `tenant:{tid}:project:{pid}`: `pid` in the token's `projects`, or role `admin` of that tenant.
 //! - `tenant:{tid}:channel:{cid}`: `cid` in `channels`, or role `admin` of that tenant.
 //! - Role `publisher` (internal services) may publish to and subscribe to any room; a publisher token with
-//!   a `tid` is confined to user rooms and that tenant's rooms.
+//!   a `tid` is confined to that tenant's rooms, its users' rooms included. Every room has a tenant, so
+//!   that confinement has no exception.
 //! - Users must have `email_verified: true` (as in the seed) and may not `Publish`; they may `SetTyping`
 //!   in channel rooms they may join.
 
@@ -34,7 +36,36 @@ pub enum Denied {
     NotPublisher,
 }
 
-/// May this principal open a stream on (or ask the presence of) `room`?
+/// `room` with the `user:{sub}` shorthand resolved in the token's tenant: the name the bus, presence and
+/// history use. A token without `tid` cannot use the shorthand (it would not say whose tenant).
+pub fn canonical(p: &Principal, room: Room) -> Result<Room, Denied> {
+    if !p.is_publisher() {
+        // A user's own claims fail first, whatever the room (no tenant, unverified email).
+        user_tenant(p)?;
+    }
+    let name = room.to_string();
+    room.in_tenant(p.tenant.as_deref()).ok_or(Denied::Room {
+        room: name,
+        reason: "user:{sub} means that user in the token's tenant and this token has no tid: \
+                 name the room tenant:{tid}:user:{sub}",
+    })
+}
+
+impl Denied {
+    /// The same refusal naming the room as the client wrote it (e.g. the `user:{sub}` shorthand), so the
+    /// client recognises its own room in the message.
+    pub fn naming(self, name: &str) -> Denied {
+        match self {
+            Denied::Room { reason, .. } => Denied::Room {
+                room: name.to_owned(),
+                reason,
+            },
+            other => other,
+        }
+    }
+}
+
+/// May this principal open a stream on (or ask the presence of) `room`, a [`canonical`] room?
 pub fn may_join(p: &Principal, room: &Room) -> Result<(), Denied> {
     if p.is_publisher() {
         return publisher_scope(p, room);
@@ -52,8 +83,9 @@ pub fn may_join(p: &Principal, room: &Room) -> Result<(), Denied> {
         }
     }
     match room {
-        Room::User(id) if *id == p.user_id => Ok(()),
-        Room::User(_) => deny("user rooms are only for their own user"),
+        Room::UserShorthand(_) => deny("the user:{sub} shorthand must be resolved first"),
+        Room::User { user, .. } if *user == p.user_id => Ok(()),
+        Room::User { .. } => deny("user rooms are only for their own user"),
         Room::Tenant(_) => Ok(()),
         Room::Project { project, .. } if p.projects.contains(project) || p.is_admin() => Ok(()),
         Room::Project { .. } => deny("project not in the token's projects"),
@@ -62,7 +94,7 @@ pub fn may_join(p: &Principal, room: &Room) -> Result<(), Denied> {
     }
 }
 
-/// May this principal publish to `room`?
+/// May this principal publish to `room`, a [`canonical`] room?
 pub fn may_publish(p: &Principal, room: &Room) -> Result<(), Denied> {
     if !p.is_publisher() {
         return Err(Denied::NotPublisher);
@@ -90,11 +122,18 @@ fn user_tenant(p: &Principal) -> Result<&str, Denied> {
 }
 
 fn publisher_scope(p: &Principal, room: &Room) -> Result<(), Denied> {
-    match (&p.tenant, room.tenant()) {
-        (Some(own), Some(other)) if own != other => Err(Denied::Room {
+    let deny = |reason| {
+        Err(Denied::Room {
             room: room.to_string(),
-            reason: "the publisher token is confined to another tenant",
-        }),
+            reason,
+        })
+    };
+    match (&p.tenant, room.tenant()) {
+        // Only the unresolved shorthand has no tenant: never let it through unchecked.
+        (_, None) => deny("the user:{sub} shorthand must be resolved first"),
+        (Some(own), Some(other)) if own != other => {
+            deny("the publisher token is confined to another tenant")
+        }
         _ => Ok(()),
     }
 }
@@ -116,6 +155,11 @@ mod tests {
         }
     }
 
+    /// The room as the service sees it: parsed, then resolved for `p`.
+    fn resolved(p: &Principal, s: &str) -> Room {
+        canonical(p, Room::parse(s).unwrap()).unwrap()
+    }
+
     fn room(s: &str) -> Room {
         Room::parse(s).unwrap()
     }
@@ -125,21 +169,24 @@ mod tests {
         let p = user(&[]);
         for ok in [
             "user:u1",
+            "tenant:t1:user:u1",
             "tenant:t1",
             "tenant:t1:project:p1",
             "tenant:t1:channel:c1",
         ] {
-            assert_eq!(may_join(&p, &room(ok)), Ok(()), "{ok}");
+            assert_eq!(may_join(&p, &resolved(&p, ok)), Ok(()), "{ok}");
         }
         for denied in [
             "user:u2",
+            "tenant:t1:user:u2",
+            "tenant:t2:user:u1",
             "tenant:t2",
             "tenant:t1:project:p2",
             "tenant:t1:channel:c2",
             "tenant:t2:project:p1",
             "tenant:t2:channel:c1",
         ] {
-            assert!(may_join(&p, &room(denied)).is_err(), "{denied}");
+            assert!(may_join(&p, &resolved(&p, denied)).is_err(), "{denied}");
         }
     }
 
@@ -149,7 +196,23 @@ mod tests {
         assert_eq!(may_join(&p, &room("tenant:t1:project:p9")), Ok(()));
         assert_eq!(may_join(&p, &room("tenant:t1:channel:c9")), Ok(()));
         assert!(may_join(&p, &room("tenant:t2:project:p1")).is_err());
-        assert!(may_join(&p, &room("user:u2")).is_err());
+        assert!(may_join(&p, &resolved(&p, "user:u2")).is_err());
+        assert!(may_join(&p, &room("tenant:t1:user:u2")).is_err());
+    }
+
+    #[test]
+    fn the_user_shorthand_means_the_tokens_tenant() {
+        let p = user(&[]);
+        assert_eq!(resolved(&p, "user:u1"), room("tenant:t1:user:u1"));
+        let mut svc = user(&["publisher"]);
+        svc.tenant = None;
+        assert!(matches!(
+            canonical(&svc, room("user:u1")),
+            Err(Denied::Room { .. })
+        ));
+        // Unresolved, the shorthand is refused rather than treated as tenant-less.
+        assert!(may_publish(&svc, &room("user:u1")).is_err());
+        assert!(may_join(&p, &room("user:u1")).is_err());
     }
 
     #[test]
@@ -157,12 +220,15 @@ mod tests {
         let mut p = user(&[]);
         p.email_verified = false;
         assert_eq!(
-            may_join(&p, &room("user:u1")),
+            may_join(&p, &room("tenant:t1:user:u1")),
             Err(Denied::EmailNotVerified)
         );
         let mut p = user(&[]);
         p.tenant = None;
-        assert_eq!(may_join(&p, &room("user:u1")), Err(Denied::NoTenant));
+        assert_eq!(
+            may_join(&p, &room("tenant:t1:user:u1")),
+            Err(Denied::NoTenant)
+        );
     }
 
     #[test]
@@ -171,10 +237,14 @@ mod tests {
         svc.tenant = None;
         svc.email_verified = false;
         assert_eq!(may_publish(&svc, &room("tenant:t9:project:x")), Ok(()));
-        assert_eq!(may_join(&svc, &room("user:u7")), Ok(()));
+        assert_eq!(may_join(&svc, &room("tenant:t9:user:u7")), Ok(()));
         svc.tenant = Some("t1".into());
         assert!(may_publish(&svc, &room("tenant:t9")).is_err());
-        assert_eq!(may_publish(&svc, &room("user:u7")), Ok(()));
+        // A tenant-confined publisher reaches its own tenant's users only, however the room is named.
+        assert_eq!(may_publish(&svc, &resolved(&svc, "user:u7")), Ok(()));
+        assert_eq!(may_publish(&svc, &room("tenant:t1:user:u7")), Ok(()));
+        assert!(may_publish(&svc, &room("tenant:t9:user:u7")).is_err());
+        assert!(may_join(&svc, &room("tenant:t9:user:u7")).is_err());
         assert_eq!(
             may_publish(&user(&[]), &room("tenant:t1")),
             Err(Denied::NotPublisher)

@@ -66,6 +66,21 @@ impl SharedResponse {
         Self(Repr::Stored(event))
     }
 
+    /// This event frame with the event's `room` replaced by `room`: a fresh encoding for one stream, for
+    /// a client that named the room differently (the `user:{sub}` shorthand). A frame that is not an event
+    /// is returned as is.
+    pub fn with_event_room(&self, room: &str) -> Self {
+        match SubscribeResponse::decode(self.as_slice()) {
+            Ok(SubscribeResponse {
+                kind: Some(subscribe_response::Kind::Event(mut event)),
+            }) => {
+                event.room = room.to_owned();
+                Self::from_event(&event)
+            }
+            _ => self.clone(),
+        }
+    }
+
     fn from_bytes(bytes: Bytes) -> Self {
         Self(Repr::Bytes(bytes))
     }
@@ -179,5 +194,9 @@ mod tests {
         assert_eq!(rewrapped, shared);
         let stored = StoredEvent::new(Default::default(), "tenant:t1".into(), &event);
         assert_eq!(SharedResponse::from_stored(Arc::new(stored)), shared);
+        let renamed = shared.with_event_room("user:u1");
+        let mut expected = event.clone();
+        expected.room = "user:u1".into();
+        assert_eq!(renamed, SharedResponse::from_event(&expected));
     }
 }

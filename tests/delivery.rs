@@ -57,7 +57,7 @@ fn ids_in(events: &[Event], room: &str) -> Vec<String> {
 async fn every_payload_round_trips_and_the_server_sets_id_time_and_publisher() {
     let server = TestServer::start().await;
     let mut user = server.client(&user_token("u1")).await;
-    let (mut stream, _) = subscribe(&mut user, &[PROJECT, CHANNEL, "user:u1"], &[])
+    let (mut stream, _) = subscribe(&mut user, &[PROJECT, CHANNEL, "tenant:t1:user:u1"], &[])
         .await
         .unwrap();
     let mut svc = server.client(&publisher_token()).await;
@@ -126,7 +126,7 @@ async fn every_payload_round_trips_and_the_server_sets_id_time_and_publisher() {
             }),
         ),
         forged(
-            "user:u1",
+            "tenant:t1:user:u1",
             "notification.created",
             Payload::Notification(Notification {
                 id: "n-1".into(),

@@ -212,7 +212,7 @@ async fn online_on_first_stream_offline_after_last() {
 
     // The first stream closes; once the server has counted that, there is still no OFFLINE.
     drop(first);
-    wait_presence(&mut svc, "user:u1", 0, 0).await;
+    wait_presence(&mut svc, "tenant:t1:user:u1", 0, 0).await;
     assert_nothing_before_marker(&mut svc, &mut statuses, "tenant:t1", "marker-2").await;
 
     // The last one closes: OFFLINE.

@@ -45,7 +45,11 @@ async fn delivery_resume_subscriptions_idempotency_and_presence_on_a_cluster() {
     let a = TestServer::start_with(|c| use_cluster(c, &cluster)).await;
     let b = TestServer::start_with(|c| use_cluster(c, &cluster)).await;
     // Rooms on different shards (their hash tags differ).
-    let rooms = ["tenant:t1:project:p1", "tenant:t1:channel:c1", "user:u1"];
+    let rooms = [
+        "tenant:t1:project:p1",
+        "tenant:t1:channel:c1",
+        "tenant:t1:user:u1",
+    ];
     let owners: Vec<_> = {
         let mut c = cluster.nodes[0].conn().await;
         let mut slots = Vec::new();

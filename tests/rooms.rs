@@ -248,7 +248,7 @@ async fn users_may_not_publish() {
 async fn publisher_subscribes_and_publishes_anywhere() {
     let server = TestServer::start().await;
     let rooms = [
-        "user:u9",
+        "tenant:t1:user:u9",
         "tenant:t1",
         "tenant:t2",
         "tenant:t1:project:p7",
@@ -282,16 +282,27 @@ async fn publisher_with_a_tenant_is_confined_to_it() {
             "tenant:t1:project:p9",
             "tenant:t1:channel:c9",
             "user:anyone",
+            "tenant:t1:user:someone",
         ],
     )
     .await
-    .expect("own tenant's rooms and user rooms");
-    for room in ["tenant:t1", "tenant:t1:project:p9", "user:anyone"] {
+    .expect("own tenant's rooms and its users' rooms");
+    for room in [
+        "tenant:t1",
+        "tenant:t1:project:p9",
+        "user:anyone",
+        "tenant:t1:user:someone",
+    ] {
         publish_task(&mut svc, room, "task-1")
             .await
             .unwrap_or_else(|s| panic!("{room}: {s:?}"));
     }
-    for room in ["tenant:t2", "tenant:t2:project:p1", "tenant:t2:channel:c1"] {
+    for room in [
+        "tenant:t2",
+        "tenant:t2:project:p1",
+        "tenant:t2:channel:c1",
+        "tenant:t2:user:anyone",
+    ] {
         expect_status(
             subscribe_rooms(&mut svc, &["tenant:t1", room]).await,
             Code::PermissionDenied,
@@ -358,7 +369,7 @@ async fn names_outside_the_grammar_are_invalid_arguments() {
         expect_status(typing, Code::InvalidArgument, &["invalid room"]);
     }
     // The longest id allowed is accepted.
-    let longest = format!("user:{}", "x".repeat(128));
+    let longest = format!("tenant:t1:user:{}", "x".repeat(128));
     let mut svc_sub = server.client(&publisher_token()).await;
     subscribe_rooms(&mut svc_sub, &[&longest]).await.unwrap();
 }

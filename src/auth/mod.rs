@@ -20,6 +20,7 @@ pub use token::{mint_hs256, DevToken};
 
 use crate::config::JwtConfig;
 use crate::error::ServiceError;
+use crate::rooms::{is_valid_id, MAX_ID_LEN};
 
 /// Role that lets internal services publish to, and subscribe to, any room.
 pub const ROLE_PUBLISHER: &str = "publisher";
@@ -109,6 +110,36 @@ struct Claims {
     roles: Vec<String>,
 }
 
+impl Claims {
+    /// `sub`, `tid` and the `projects`/`channels` entries become parts of room names and Redis keys: each
+    /// must be an id of the room grammar, or a signed `tid` such as `t1:channel:c9` would reach into
+    /// another room. A bad entry refuses the whole token (dropping it silently would hide the IdP's bug).
+    fn check_ids(&self) -> Result<(), AuthError> {
+        let bad = |claim: &str, value: &str| {
+            let shown: String = value.chars().take(32).collect();
+            let more = if shown.len() < value.len() { "..." } else { "" };
+            Err(AuthError::InvalidClaims(format!(
+                "claim {claim} ({shown:?}{more}) is not an id: 1-{MAX_ID_LEN} characters [A-Za-z0-9_.-]"
+            )))
+        };
+        if !is_valid_id(&self.sub) {
+            return bad("sub", &self.sub);
+        }
+        // An empty `tid` means no tenant, as before.
+        if let Some(tid) = self.tid.as_deref().filter(|t| !t.is_empty()) {
+            if !is_valid_id(tid) {
+                return bad("tid", tid);
+            }
+        }
+        for (claim, list) in [("projects", &self.projects), ("channels", &self.channels)] {
+            if let Some(entry) = list.iter().find(|id| !is_valid_id(id)) {
+                return bad(claim, entry);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Verifies tokens against the configured keys. Built once at start-up; keys never come from globals.
 #[derive(Debug)]
 pub struct Verifier {
@@ -195,9 +226,7 @@ impl Verifier {
             _ => AuthError::Malformed(e.to_string()),
         })?;
         let claims = data.claims;
-        if claims.sub.is_empty() {
-            return Err(AuthError::InvalidClaims("empty sub".into()));
-        }
+        claims.check_ids()?;
         let valid_until = UNIX_EPOCH + Duration::from_secs(claims.exp) + self.leeway;
         Ok(Principal {
             user_id: claims.sub,
@@ -303,6 +332,46 @@ mod tests {
         assert_eq!(p.tenant.as_deref(), Some("t1"));
         assert!(p.email_verified && p.is_admin() && !p.is_publisher());
         assert!(p.projects.contains("p1") && p.channels.contains("c1"));
+    }
+
+    #[test]
+    fn ids_in_claims_must_follow_the_room_grammar() {
+        let v = verifier("s");
+        let exp = now_unix() + 60;
+        let long = "x".repeat(10_000);
+        for (claims, named) in [
+            (json!({"sub": "u1", "tid": "t1:channel:c9"}), "tid"),
+            (json!({"sub": "u1", "tid": "{t1}"}), "tid"),
+            (json!({"sub": "u1", "tid": "t 1"}), "tid"),
+            (json!({"sub": "u1", "tid": long}), "tid"),
+            (json!({"sub": "u:1", "tid": "t1"}), "sub"),
+            (json!({"sub": "", "tid": "t1"}), "sub"),
+            (
+                json!({"sub": "u1", "tid": "t1", "projects": ["p1", "p2:x"]}),
+                "projects",
+            ),
+            (
+                json!({"sub": "u1", "tid": "t1", "channels": ["c}1"]}),
+                "channels",
+            ),
+        ] {
+            let mut claims = claims;
+            claims["exp"] = json!(exp);
+            let token = mint_hs256(b"s", &claims).unwrap();
+            match v.verify(&token) {
+                Err(AuthError::InvalidClaims(msg)) => {
+                    assert!(msg.contains(&format!("claim {named} ")), "{msg}");
+                    assert!(msg.len() < 200, "the message stays short: {msg}");
+                }
+                other => panic!("{claims}: expected InvalidClaims naming {named}, got {other:?}"),
+            }
+        }
+        let ok = mint_hs256(
+            b"s",
+            &json!({"sub": "u-1.x_2", "tid": "", "projects": ["p.1"], "exp": exp}),
+        )
+        .unwrap();
+        assert_eq!(v.verify(&ok).map(|p| p.tenant), Ok(None));
     }
 
     #[test]

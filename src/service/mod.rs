@@ -95,8 +95,9 @@ impl EventApi {
         let mut event = req
             .event
             .ok_or_else(|| ServiceError::InvalidArgument("event is required".into()))?;
-        let room = Room::parse(&event.room)?;
-        policy::may_publish(p, &room)?;
+        let room = authorize(p, &event.room, policy::may_publish)?;
+        // History, ids and fan-out use the canonical name, whichever spelling the publisher used.
+        event.room = room.to_string();
         validate_type(&event.r#type)?;
         if req.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_LEN {
             return Err(ServiceError::InvalidArgument(format!(
@@ -129,8 +130,7 @@ impl EventApi {
     }
 
     async fn set_typing(&self, p: &Principal, req: SetTypingRequest) -> Result<(), ServiceError> {
-        let room = Room::parse(&req.channel_room)?;
-        policy::may_type(p, &room)?;
+        let room = authorize(p, &req.channel_room, policy::may_type)?;
         let Room::Channel { channel, .. } = &room else {
             unreachable!("may_type admits channel rooms only")
         };
@@ -140,7 +140,7 @@ impl EventApi {
             ));
         }
         let event = Event {
-            room: req.channel_room.clone(),
+            room: room.to_string(),
             r#type: "typing".into(),
             time: Some(prost_types::Timestamp::from(SystemTime::now())),
             publisher_id: p.user_id.clone(),
@@ -161,15 +161,26 @@ impl EventApi {
         p: &Principal,
         req: GetPresenceRequest,
     ) -> Result<GetPresenceResponse, ServiceError> {
-        let room = Room::parse(&req.room)?;
-        policy::may_join(p, &room)?;
-        let snapshot = self.inner.bus.presence(&req.room).await?;
+        let room = authorize(p, &req.room, policy::may_join)?;
+        let snapshot = self.inner.bus.presence(&room.to_string()).await?;
         Ok(GetPresenceResponse {
             user_count: u32::try_from(snapshot.user_ids.len()).unwrap_or(u32::MAX),
             connection_count: snapshot.connections,
             user_ids: snapshot.user_ids,
         })
     }
+}
+
+/// Parses a room name, resolves the `user:{sub}` shorthand in the caller's tenant and asks `check` whether
+/// the caller may use it. A refusal names the room as the caller wrote it.
+fn authorize(
+    p: &Principal,
+    name: &str,
+    check: fn(&Principal, &Room) -> Result<(), policy::Denied>,
+) -> Result<Room, ServiceError> {
+    let room = Room::parse(name)?;
+    let room = policy::canonical(p, room).and_then(|room| check(p, &room).map(|()| room));
+    Ok(room.map_err(|denied| denied.naming(name))?)
 }
 
 /// Event types are dotted names: `task.created`, `message.deleted`, `typing`.

@@ -17,7 +17,7 @@ use tonic::Status;
 
 use super::EventApi;
 use crate::auth::Principal;
-use crate::bus::{sink, Bus, Lease, Position, Recovery, RoomItem};
+use crate::bus::{sink, Bus, Lease, Position, Recovery, RoomItem, StoredEvent};
 use crate::error::{ServiceError, StreamEnd};
 use crate::metrics::{StreamGuard, EVENTS_DELIVERED};
 use crate::policy;
@@ -25,7 +25,6 @@ use crate::presence::Member;
 use crate::proto::v1::{
     subscribe_response::Kind, Heartbeat, Reset, RoomPosition, SubscribeRequest, Subscribed,
 };
-use crate::rooms::Room;
 use crate::wire::SharedResponse;
 
 /// Queued items a stream takes in a row before it looks at its timer and shutdown token again.
@@ -52,36 +51,43 @@ impl EventApi {
         let mut leases: Vec<Lease> = Vec::with_capacity(rooms.len());
         let mut position: BTreeMap<String, String> = BTreeMap::new();
         let mut skip: HashMap<Arc<str>, Position> = HashMap::new();
+        let mut aliases = Aliases::default();
         for room in &rooms {
+            if room.name != room.canonical {
+                aliases
+                    .0
+                    .insert(room.canonical.as_str().into(), room.name.clone());
+            }
             let since = req
                 .since
-                .get(room)
+                .get(&room.name)
                 .map(String::as_str)
                 .filter(|id| !id.is_empty());
-            let feed = inner.bus.subscribe(room, since, &sink).await?;
+            let feed = inner.bus.subscribe(&room.canonical, since, &sink).await?;
             let recovered = feed.recovery == Recovery::Recovered;
             if let Recovery::Reset(reason) = &feed.recovery {
                 pending.push(SharedResponse::from_message(Kind::Reset(Reset {
-                    room: room.clone(),
+                    room: room.name.clone(),
                     reason: reason.clone(),
                 })));
             }
-            pending.extend(feed.replay.iter().map(|e| e.frame.clone()));
+            pending.extend(feed.replay.into_iter().map(|e| aliases.frame(e)));
             if let Some(through) = feed.skip_through {
-                skip.insert(room.as_str().into(), through);
+                skip.insert(room.canonical.as_str().into(), through);
             }
             first.push(RoomPosition {
-                room: room.clone(),
+                room: room.name.clone(),
                 last_event_id: feed.last_event_id.clone(),
                 recovered,
             });
-            position.insert(room.clone(), feed.last_event_id);
+            position.insert(room.name.clone(), feed.last_event_id);
             leases.push(feed.lease);
         }
+        let canonical: Vec<String> = rooms.into_iter().map(|r| r.canonical).collect();
         let subscribed =
             SharedResponse::from_message(Kind::Subscribed(Subscribed { rooms: first }));
 
-        let presence = PresenceGuard::connect(&inner, &principal, &rooms).await?;
+        let presence = PresenceGuard::connect(&inner, &principal, &canonical).await?;
         let shutdown = inner.shutdown.clone();
         let heartbeat_every = inner.limits.heartbeat;
         let expires = Instant::now()
@@ -89,7 +95,7 @@ impl EventApi {
                 .valid_until
                 .duration_since(SystemTime::now())
                 .unwrap_or_default();
-        tracing::debug!(user = %principal.user_id, rooms = ?rooms, "stream opened");
+        tracing::debug!(user = %principal.user_id, rooms = ?canonical, "stream opened");
 
         let stream = async_stream::stream! {
             // Dropped with the stream: detaches from the rooms and updates presence.
@@ -155,15 +161,15 @@ impl EventApi {
                         if skip.get(&event.room).is_some_and(|through| event.pos <= *through) {
                             continue;
                         }
-                        if let Some(last) = position.get_mut(&*event.room) {
+                        if let Some(last) = position.get_mut(aliases.name(&event.room)) {
                             last.clone_from(&event.id);
                         }
                         uncounted += 1;
-                        yield Ok(SharedResponse::from_stored(event));
+                        yield Ok(aliases.frame(event));
                     }
                     RoomItem::Reset { room, reason } => {
                         yield Ok(SharedResponse::from_message(Kind::Reset(Reset {
-                            room: room.to_string(),
+                            room: aliases.name(&room).to_owned(),
                             reason: reason.to_string(),
                         })));
                     }
@@ -177,8 +183,13 @@ impl EventApi {
         Ok(Box::pin(stream))
     }
 
-    /// Room grammar, limits and policy; all or nothing. Returns the rooms without duplicates, in order.
-    fn validate(&self, p: &Principal, req: &SubscribeRequest) -> Result<Vec<String>, ServiceError> {
+    /// Room grammar, limits and policy; all or nothing. Returns the rooms without duplicates, in order,
+    /// with the `user:{sub}` shorthand resolved.
+    fn validate(
+        &self,
+        p: &Principal,
+        req: &SubscribeRequest,
+    ) -> Result<Vec<StreamRoom>, ServiceError> {
         if req.rooms.is_empty() {
             return Err(ServiceError::InvalidArgument(
                 "rooms is empty: name at least one room".into(),
@@ -186,20 +197,32 @@ impl EventApi {
         }
         let max = self.inner.limits.max_rooms_per_subscribe;
         let mut seen = HashSet::new();
-        let rooms: Vec<String> = req
+        let names: Vec<&String> = req
             .rooms
             .iter()
             .filter(|r| seen.insert(r.as_str()))
-            .cloned()
             .collect();
-        if rooms.len() > max {
+        if names.len() > max {
             return Err(ServiceError::InvalidArgument(format!(
                 "{} rooms requested; at most {max} per Subscribe (--max-rooms-per-subscribe)",
-                rooms.len()
+                names.len()
             )));
         }
-        for name in &rooms {
-            policy::may_join(p, &Room::parse(name)?)?;
+        let mut rooms: Vec<StreamRoom> = Vec::with_capacity(names.len());
+        for name in names {
+            let room = super::authorize(p, name, policy::may_join)?;
+            let canonical = room.to_string();
+            // `user:u1` and `tenant:t1:user:u1` are one room: carrying it twice would deliver twice.
+            if let Some(twin) = rooms.iter().find(|r| r.canonical == canonical) {
+                return Err(ServiceError::InvalidArgument(format!(
+                    "rooms {:?} and {name:?} are the same room: name it once",
+                    twin.name
+                )));
+            }
+            rooms.push(StreamRoom {
+                name: name.clone(),
+                canonical,
+            });
         }
         if let Some(stray) = req.since.keys().find(|r| !seen.contains(r.as_str())) {
             return Err(ServiceError::InvalidArgument(format!(
@@ -207,6 +230,34 @@ impl EventApi {
             )));
         }
         Ok(rooms)
+    }
+}
+
+/// A room of a stream: the name the client gave, and the canonical name the bus and presence use. They
+/// differ only for the `user:{sub}` shorthand; the client always sees its own name (in `Subscribed`,
+/// events, resets and the resume map), so its `since` keeps matching what it subscribed with.
+struct StreamRoom {
+    name: String,
+    canonical: String,
+}
+
+/// Canonical room -> the name the client gave, for the rooms where they differ.
+#[derive(Default)]
+struct Aliases(HashMap<Arc<str>, String>);
+
+impl Aliases {
+    /// The client's name for a canonical room.
+    fn name<'a>(&'a self, canonical: &'a str) -> &'a str {
+        self.0.get(canonical).map_or(canonical, String::as_str)
+    }
+
+    /// A stored event's frame, as this client must see it: shared as is, or re-encoded with the client's
+    /// name for the room (only for the shorthand, so the fan-out path stays shared for every other room).
+    fn frame(&self, event: Arc<StoredEvent>) -> SharedResponse {
+        match self.0.get(&*event.room) {
+            None => SharedResponse::from_stored(event),
+            Some(name) => event.frame.with_event_room(name),
+        }
     }
 }
 

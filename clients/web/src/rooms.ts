@@ -1,13 +1,18 @@
 /**
  * Room names and the set of rooms the app has joined.
  *
- * Rooms are `user:{id}`, `tenant:{tid}`, `tenant:{tid}:project:{pid}` and `tenant:{tid}:channel:{cid}`
- * (the server checks the grammar and who may join). Joins are reference-counted: two components that
+ * Rooms are `tenant:{tid}`, `tenant:{tid}:user:{sub}`, `tenant:{tid}:project:{pid}` and
+ * `tenant:{tid}:channel:{cid}` (the server checks the grammar and who may join). `user:{sub}` is shorthand
+ * for `tenant:{tid}:user:{sub}` in the token's own tenant; the server answers in the name you used. Joins are reference-counted: two components that
  * join the same room share it, and it is left when the last one leaves.
  */
 
-/** `user:{id}`: notifications for one user. */
-export const userRoom = (userId: string): string => `user:${userId}`;
+/**
+ * A user's notifications: `tenant:{tid}:user:{sub}` with a tenant, else the shorthand `user:{sub}`, which
+ * the server reads as that user in the token's own tenant.
+ */
+export const userRoom = (userId: string, tenantId?: string): string =>
+  tenantId === undefined ? `user:${userId}` : `tenant:${tenantId}:user:${userId}`;
 /** `tenant:{tid}`: tenant-wide broadcasts, including who is online. */
 export const tenantRoom = (tenantId: string): string => `tenant:${tenantId}`;
 /** `tenant:{tid}:project:{pid}`: tasks, bugs and features of a project. */
@@ -19,7 +24,7 @@ export const channelRoom = (tenantId: string, channelId: string): string =>
 
 /** The parts of a room name, or undefined when it is not one of the four shapes. */
 export type ParsedRoom =
-  | { kind: "user"; userId: string }
+  | { kind: "user"; userId: string; tenantId?: string }
   | { kind: "tenant"; tenantId: string }
   | { kind: "project"; tenantId: string; projectId: string }
   | { kind: "channel"; tenantId: string; channelId: string };
@@ -27,7 +32,7 @@ export type ParsedRoom =
 const ID = "[A-Za-z0-9_.-]+";
 const USER = new RegExp(`^user:(${ID})$`);
 const TENANT = new RegExp(`^tenant:(${ID})$`);
-const SCOPED = new RegExp(`^tenant:(${ID}):(project|channel):(${ID})$`);
+const SCOPED = new RegExp(`^tenant:(${ID}):(project|channel|user):(${ID})$`);
 
 /** Splits a room name (client side, for routing events; the server is the authority). */
 export function parseRoom(room: string): ParsedRoom | undefined {
@@ -37,6 +42,7 @@ export function parseRoom(room: string): ParsedRoom | undefined {
   if (m) return { kind: "tenant", tenantId: m[1]! };
   m = SCOPED.exec(room);
   if (m) {
+    if (m[2] === "user") return { kind: "user", tenantId: m[1]!, userId: m[3]! };
     return m[2] === "project"
       ? { kind: "project", tenantId: m[1]!, projectId: m[3]! }
       : { kind: "channel", tenantId: m[1]!, channelId: m[3]! };

@@ -40,6 +40,7 @@ describe("RoomSet (join/leave bookkeeping)", () => {
 describe("room names", () => {
   it("builds the four shapes", () => {
     expect(userRoom("u1")).toBe("user:u1");
+    expect(userRoom("u1", "t1")).toBe("tenant:t1:user:u1");
     expect(tenantRoom("t1")).toBe("tenant:t1");
     expect(projectRoom("t1", "p1")).toBe("tenant:t1:project:p1");
     expect(channelRoom("t1", "c1")).toBe("tenant:t1:channel:c1");
@@ -47,6 +48,7 @@ describe("room names", () => {
 
   it("parses them back and rejects others", () => {
     expect(parseRoom("user:u1")).toEqual({ kind: "user", userId: "u1" });
+    expect(parseRoom("tenant:t1:user:u1")).toEqual({ kind: "user", tenantId: "t1", userId: "u1" });
     expect(parseRoom("tenant:t1")).toEqual({ kind: "tenant", tenantId: "t1" });
     expect(parseRoom("tenant:t1:project:p1")).toEqual({ kind: "project", tenantId: "t1", projectId: "p1" });
     expect(parseRoom("tenant:t1:channel:c-2")).toEqual({ kind: "channel", tenantId: "t1", channelId: "c-2" });

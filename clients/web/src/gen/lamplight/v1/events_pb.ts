@@ -719,8 +719,12 @@ export const GetPresenceResponseSchema: GenMessage<GetPresenceResponse> = /*@__P
  * Rooms, live events with replayable history, typing and presence.
  *
  * Every call needs `authorization: Bearer <JWT>` metadata. Rooms are
- * `user:{id}`, `tenant:{tid}`, `tenant:{tid}:project:{pid}` and
- * `tenant:{tid}:channel:{cid}`; see the README for who may join which.
+ * `tenant:{tid}`, `tenant:{tid}:user:{sub}`, `tenant:{tid}:project:{pid}` and
+ * `tenant:{tid}:channel:{cid}`: every room belongs to one tenant. `user:{sub}`
+ * is shorthand for `tenant:{tid}:user:{sub}` in the token's own tenant (tokens
+ * without `tid` must name the tenant); the server answers with the name the
+ * client used (in `Subscribed`, events, resets and resume positions). See the
+ * README for who may join which.
  *
  * @generated from service lamplight.v1.EventService
  */
