@@ -25,6 +25,14 @@ pub const DEFAULT_MAX_EVENT_BYTES: usize = 64 * 1024;
 pub const DEFAULT_STREAM_QUEUE: usize = 1024;
 /// Default JWT clock leeway.
 pub const DEFAULT_JWT_LEEWAY_SECS: u64 = 30;
+/// Default shortest cache lifetime of a fetched JWKS (`--jwt-jwks-min-ttl-secs`).
+pub const DEFAULT_JWT_JWKS_MIN_TTL_SECS: u64 = 60;
+/// Default longest cache lifetime of a fetched JWKS (`--jwt-jwks-max-ttl-secs`).
+pub const DEFAULT_JWT_JWKS_MAX_TTL_SECS: u64 = 3600;
+/// Default least interval between refetches for an unknown `kid` (`--jwt-jwks-refetch-secs`).
+pub const DEFAULT_JWT_JWKS_REFETCH_SECS: u64 = 30;
+/// Default deadline of one JWKS fetch (`--jwt-jwks-timeout-ms`).
+pub const DEFAULT_JWT_JWKS_TIMEOUT_MS: u64 = 5000;
 /// Default `SetTyping` calls allowed per second per user (burst of the same size).
 pub const DEFAULT_TYPING_PER_SEC: u32 = 5;
 /// Default time open streams get to end after SIGINT/SIGTERM before the process exits anyway.
@@ -49,7 +57,7 @@ pub enum LogFormat {
 
 /// Where the JWT verification keys come from. At least one source is used; with none, the development
 /// secret [`DEV_JWT_SECRET`].
-#[derive(Clone, Debug, Default, Args)]
+#[derive(Clone, Debug, Args)]
 pub struct JwtConfig {
     /// HS256 shared secret.
     #[arg(long, env = "LAMPLIGHT_JWT_SECRET", hide_env_values = true)]
@@ -64,6 +72,30 @@ pub struct JwtConfig {
     /// JWKS file (`{"keys": [...]}`); the token's `kid` selects the key.
     #[arg(long, env = "LAMPLIGHT_JWT_JWKS_FILE")]
     pub jwt_jwks_file: Option<PathBuf>,
+    /// The identity provider's JWKS URL (`https://` only), e.g.
+    /// `https://idp.example.com/.well-known/jwks.json`. Fetched at start (no start without it unless
+    /// another key is configured), cached per `Cache-Control`, refetched early for an unknown `kid`.
+    #[arg(long, env = "LAMPLIGHT_JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+    /// Extra CA certificates (PEM) trusted for `--jwt-jwks-url`, besides the system's.
+    #[arg(long, env = "LAMPLIGHT_JWT_JWKS_CA_FILE")]
+    pub jwt_jwks_ca_file: Option<PathBuf>,
+    /// Shortest time a fetched JWKS is used before refetching, whatever its `max-age` says.
+    #[arg(long, env = "LAMPLIGHT_JWT_JWKS_MIN_TTL_SECS", default_value_t = DEFAULT_JWT_JWKS_MIN_TTL_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub jwt_jwks_min_ttl_secs: u64,
+    /// Longest time a fetched JWKS is used before refetching, whatever its `max-age` says.
+    #[arg(long, env = "LAMPLIGHT_JWT_JWKS_MAX_TTL_SECS", default_value_t = DEFAULT_JWT_JWKS_MAX_TTL_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=7 * 86_400))]
+    pub jwt_jwks_max_ttl_secs: u64,
+    /// At most one early refetch per this many seconds when tokens name an unknown `kid`.
+    #[arg(long, env = "LAMPLIGHT_JWT_JWKS_REFETCH_SECS", default_value_t = DEFAULT_JWT_JWKS_REFETCH_SECS,
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub jwt_jwks_refetch_secs: u64,
+    /// Deadline of one JWKS fetch, in milliseconds.
+    #[arg(long, env = "LAMPLIGHT_JWT_JWKS_TIMEOUT_MS", default_value_t = DEFAULT_JWT_JWKS_TIMEOUT_MS,
+          value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub jwt_jwks_timeout_ms: u64,
     /// Required `iss` claim, if set.
     #[arg(long, env = "LAMPLIGHT_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
@@ -73,6 +105,27 @@ pub struct JwtConfig {
     /// Clock leeway for `exp` and `nbf`, in seconds.
     #[arg(long, env = "LAMPLIGHT_JWT_LEEWAY_SECS", default_value_t = DEFAULT_JWT_LEEWAY_SECS)]
     pub jwt_leeway_secs: u64,
+}
+
+impl Default for JwtConfig {
+    /// No key source (so the development secret), and the documented defaults.
+    fn default() -> Self {
+        Self {
+            jwt_secret: None,
+            jwt_secret_file: None,
+            jwt_public_key_file: None,
+            jwt_jwks_file: None,
+            jwt_jwks_url: None,
+            jwt_jwks_ca_file: None,
+            jwt_jwks_min_ttl_secs: DEFAULT_JWT_JWKS_MIN_TTL_SECS,
+            jwt_jwks_max_ttl_secs: DEFAULT_JWT_JWKS_MAX_TTL_SECS,
+            jwt_jwks_refetch_secs: DEFAULT_JWT_JWKS_REFETCH_SECS,
+            jwt_jwks_timeout_ms: DEFAULT_JWT_JWKS_TIMEOUT_MS,
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_leeway_secs: DEFAULT_JWT_LEEWAY_SECS,
+        }
+    }
 }
 
 impl JwtConfig {
@@ -93,6 +146,21 @@ impl JwtConfig {
             && self.jwt_secret_file.is_none()
             && self.jwt_public_key_file.is_none()
             && self.jwt_jwks_file.is_none()
+            && self.jwt_jwks_url.is_none()
+    }
+
+    /// How `--jwt-jwks-url` is fetched, when it is set.
+    pub fn jwks_options(&self) -> Option<crate::auth::JwksOptions> {
+        let url = self.jwt_jwks_url.clone()?;
+        let min_ttl = Duration::from_secs(self.jwt_jwks_min_ttl_secs);
+        Some(crate::auth::JwksOptions {
+            url,
+            ca_file: self.jwt_jwks_ca_file.clone(),
+            min_ttl,
+            max_ttl: Duration::from_secs(self.jwt_jwks_max_ttl_secs).max(min_ttl),
+            refetch_every: Duration::from_secs(self.jwt_jwks_refetch_secs),
+            timeout: Duration::from_millis(self.jwt_jwks_timeout_ms),
+        })
     }
 }
 
@@ -234,10 +302,7 @@ impl Config {
         Self {
             listen,
             cors_origins: Vec::new(),
-            jwt: JwtConfig {
-                jwt_leeway_secs: DEFAULT_JWT_LEEWAY_SECS,
-                ..JwtConfig::default()
-            },
+            jwt: JwtConfig::default(),
             history_size: DEFAULT_HISTORY_SIZE,
             history_ttl_secs: DEFAULT_HISTORY_TTL_SECS,
             heartbeat_secs: DEFAULT_HEARTBEAT_SECS,

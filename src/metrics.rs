@@ -16,6 +16,7 @@
 //! | `lamplight_publish_duration_seconds` | histogram | |
 //! | `lamplight_auth_failures_total` | counter | `code`: unauthenticated, permission_denied |
 //! | `lamplight_redis_reconnects_total`, `lamplight_redis_subscriptions` | counter, gauge | (Redis bus) |
+//! | `lamplight_jwks_fetch_failures_total`, `lamplight_jwks_keys` | counter, gauge | (`--jwt-jwks-url`) |
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -42,6 +43,10 @@ pub const EVENTS_DROPPED: &str = "lamplight_events_dropped_total";
 pub const PUBLISH_DURATION: &str = "lamplight_publish_duration_seconds";
 /// Calls refused by authentication or policy.
 pub const AUTH_FAILURES: &str = "lamplight_auth_failures_total";
+/// Failed fetches of `--jwt-jwks-url` (the last good key set is kept).
+pub const JWKS_FETCH_FAILURES: &str = "lamplight_jwks_fetch_failures_total";
+/// Keys of the last good `--jwt-jwks-url` fetch.
+pub const JWKS_KEYS: &str = "lamplight_jwks_keys";
 /// Reconnections of the Redis bus.
 pub const REDIS_RECONNECTS: &str = "lamplight_redis_reconnects_total";
 /// Redis channel subscriptions this node holds.

@@ -54,7 +54,7 @@ pub async fn serve(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let verifier = Arc::new(Verifier::from_config(&config.jwt)?);
+    let verifier = Arc::new(Verifier::load(&config.jwt).await?);
     if let Some(addr) = config.metrics_listen {
         crate::metrics::install(addr)?;
         tracing::info!(%addr, "serving Prometheus metrics");

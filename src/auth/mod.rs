@@ -4,6 +4,7 @@
 //! configured keys ([`keys`]) and puts an `Arc<Principal>` into the request extensions. What a principal may
 //! do with a room is decided later, by [`crate::policy`].
 
+mod jwks;
 mod keys;
 mod token;
 
@@ -15,6 +16,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::Validation;
 use serde::Deserialize;
 
+pub use jwks::{JwksOptions, MAX_JWKS_BYTES};
 pub use keys::KeyError;
 pub use token::{mint_hs256, DevToken};
 
@@ -150,7 +152,8 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    /// Loads every configured key source (or the development secret when none is configured).
+    /// Loads the key files and secret of `config` (or the development secret when no key source is
+    /// configured). A `--jwt-jwks-url` needs [`Verifier::load`].
     pub fn from_config(config: &JwtConfig) -> Result<Self, KeyError> {
         Ok(Self {
             keys: keys::KeySet::load(config)?,
@@ -158,6 +161,42 @@ impl Verifier {
             audience: config.jwt_audience.clone(),
             leeway: Duration::from_secs(config.jwt_leeway_secs),
         })
+    }
+
+    /// Every key source of `config`, the JWKS URL included: fetched now, and kept current in the background
+    /// while the verifier lives. Fails when the URL cannot be fetched and no other key is configured.
+    pub async fn load(config: &JwtConfig) -> Result<Self, KeyError> {
+        let mut verifier = Self::from_config(config)?;
+        if let Some(options) = config.jwks_options() {
+            let url = options.url.clone();
+            let (remote, failure) = jwks::RemoteJwks::start(options).await?;
+            let others = !verifier.keys.is_empty();
+            verifier.keys = verifier.keys.with_remote(remote);
+            match failure {
+                Some(reason) if !others => return Err(KeyError::JwksUrl { url, reason }),
+                Some(reason) => tracing::warn!(
+                    %url, %reason,
+                    "JWKS URL unreachable at start; using the other keys and retrying in the background"
+                ),
+                None => {}
+            }
+        }
+        Ok(verifier)
+    }
+
+    /// [`Self::verify`], and when the token names a `kid` no key has while a JWKS URL is configured,
+    /// refetch the set (at most once per `--jwt-jwks-refetch-secs`) and verify again: keys the identity
+    /// provider just rotated in work without a restart.
+    pub async fn verify_fresh(&self, token: &str) -> Result<Principal, AuthError> {
+        match self.verify(token) {
+            Err(AuthError::UnknownKeyId(_)) if self.keys.remote().is_some() => {
+                if let Some(remote) = self.keys.remote() {
+                    remote.refetch_for_unknown_kid().await;
+                }
+                self.verify(token)
+            }
+            other => other,
+        }
     }
 
     /// Checks `authorization` metadata (`Bearer <JWT>`) and returns the principal.
@@ -187,6 +226,7 @@ impl Verifier {
             }
         })?;
         let key = self.keys.select(header.alg, header.kid.as_deref())?;
+        let key = &key.key;
         let mut validation = Validation::new(header.alg);
         validation.leeway = self.leeway.as_secs();
         validation.validate_nbf = true;
@@ -278,21 +318,54 @@ impl tonic::service::Interceptor for Interceptor {
                 ))
             })?),
         };
-        let principal = self.verifier.verify_header(header).map_err(|e| {
-            tracing::debug!(error = %e, "authentication failed");
-            ServiceError::from(e)
-        })?;
-        req.extensions_mut().insert(Arc::new(principal));
+        match self.verifier.verify_header(header) {
+            Ok(principal) => {
+                req.extensions_mut().insert(Arc::new(principal));
+            }
+            // The interceptor cannot wait for a JWKS refetch: the handler finishes the check (see
+            // `principal`), which it must do before anything else anyway.
+            Err(AuthError::UnknownKeyId(_)) if self.verifier.keys.remote().is_some() => {
+                let token = header.map(bearer_token).unwrap_or_default().to_owned();
+                req.extensions_mut().insert(Arc::new(Unverified {
+                    verifier: self.verifier.clone(),
+                    token,
+                }));
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "authentication failed");
+                return Err(ServiceError::from(e).into());
+            }
+        }
         Ok(req)
     }
 }
 
-/// The verified principal of a request (set by [`Interceptor`]).
-pub fn principal<T>(req: &tonic::Request<T>) -> Result<Arc<Principal>, ServiceError> {
-    req.extensions()
-        .get::<Arc<Principal>>()
-        .cloned()
-        .ok_or(ServiceError::Auth(AuthError::Missing))
+/// A token whose `kid` was unknown when the interceptor ran, to verify again after a JWKS refetch.
+struct Unverified {
+    verifier: Arc<Verifier>,
+    token: String,
+}
+
+/// `<JWT>` of a `Bearer <JWT>` header already accepted by [`Verifier::verify_header`].
+fn bearer_token(header: &str) -> &str {
+    header.trim().split_once(' ').map_or("", |(_, t)| t.trim())
+}
+
+/// The verified principal of a request (set by [`Interceptor`]). Every handler calls it first.
+pub async fn principal<T>(req: &tonic::Request<T>) -> Result<Arc<Principal>, ServiceError> {
+    if let Some(principal) = req.extensions().get::<Arc<Principal>>() {
+        return Ok(principal.clone());
+    }
+    let Some(pending) = req.extensions().get::<Arc<Unverified>>().cloned() else {
+        return Err(ServiceError::Auth(AuthError::Missing));
+    };
+    match pending.verifier.verify_fresh(&pending.token).await {
+        Ok(principal) => Ok(Arc::new(principal)),
+        Err(e) => {
+            tracing::debug!(error = %e, "authentication failed");
+            Err(e.into())
+        }
+    }
 }
 
 /// Seconds since the Unix epoch.

@@ -211,7 +211,7 @@ impl EventService for EventApi {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let principal = auth::principal(&request)?;
+        let principal = auth::principal(&request).await?;
         let stream = self.open_stream(principal, request.into_inner()).await?;
         Ok(Response::new(stream))
     }
@@ -220,7 +220,7 @@ impl EventService for EventApi {
         &self,
         request: Request<PublishRequest>,
     ) -> Result<Response<PublishResponse>, Status> {
-        let principal = auth::principal(&request)?;
+        let principal = auth::principal(&request).await?;
         let id = EventApi::publish(self, &principal, request.into_inner()).await?;
         Ok(Response::new(PublishResponse { id }))
     }
@@ -229,7 +229,7 @@ impl EventService for EventApi {
         &self,
         request: Request<SetTypingRequest>,
     ) -> Result<Response<SetTypingResponse>, Status> {
-        let principal = auth::principal(&request)?;
+        let principal = auth::principal(&request).await?;
         EventApi::set_typing(self, &principal, request.into_inner()).await?;
         Ok(Response::new(SetTypingResponse {}))
     }
@@ -238,7 +238,7 @@ impl EventService for EventApi {
         &self,
         request: Request<GetPresenceRequest>,
     ) -> Result<Response<GetPresenceResponse>, Status> {
-        let principal = auth::principal(&request)?;
+        let principal = auth::principal(&request).await?;
         let response = self.presence(&principal, request.into_inner()).await?;
         Ok(Response::new(response))
     }
