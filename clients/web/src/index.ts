@@ -24,6 +24,7 @@ export {
 } from "./client.js";
 export { Backoff, DEFAULT_BACKOFF, type BackoffOptions } from "./backoff.js";
 export { CursorTracker, DEFAULT_DEDUPE_WINDOW } from "./cursors.js";
+export { compareEventIds, movesForward } from "./ids.js";
 export { JoinCancelledError, JoinError, RESUME_METADATA_KEY, classify, resumeSince, type FailureKind } from "./errors.js";
 export {
   RoomSet,
