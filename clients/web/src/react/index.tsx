@@ -448,7 +448,8 @@ function useRetryCountdown(client: Lamplight): number | undefined {
 
 /**
  * The connection indicator: hidden while connected (the normal state), as in the seed; otherwise says
- * connecting, reconnecting (with the retry countdown), disconnected, or the error with a Retry button.
+ * connecting, reconnecting (with the retry countdown), disconnected, or the error, always with a Retry
+ * button (`reconnect()`: a new attempt now, with the backoff and failure counts reset).
  */
 export function ConnectionStatus({ className, style, labels }: ConnectionStatusProps): ReactNode {
   const { client, state, error } = useLamplight();
@@ -466,15 +467,14 @@ export function ConnectionStatus({ className, style, labels }: ConnectionStatusP
       <span>{text}</span>
       {state === "reconnecting" && seconds !== undefined && seconds > 0 ? <span> retrying in {seconds} s</span> : null}
       {state === "error" && error ? <span title={error.message}> ({error.message})</span> : null}
-      {state === "error" || state === "disconnected" ? (
-        <button
-          type="button"
-          onClick={() => client.reconnect()}
-          style={{ marginLeft: 10, font: "inherit", cursor: "pointer", borderRadius: 6, border: "1px solid #fff8", background: "transparent", color: "inherit" }}
-        >
-          Retry
-        </button>
-      ) : null}
+      {/* Whenever not connected: a wait can be cut short, and a stuck attempt is never the end. */}
+      <button
+        type="button"
+        onClick={() => client.reconnect()}
+        style={{ marginLeft: 10, font: "inherit", cursor: "pointer", borderRadius: 6, border: "1px solid #fff8", background: "transparent", color: "inherit" }}
+      >
+        Retry
+      </button>
     </div>
   );
 }

@@ -133,4 +133,32 @@ describe("token sources", () => {
     expect(w.retries.map((r) => r.error.code)).toEqual([Code.Unauthenticated]);
     expect(c.state).toBe("connected");
   });
+
+  it("a new token source re-opens the stream with its token while staying connected", async () => {
+    const c = client(server.url, { autoJoinUserRooms: true, rooms: [P1], getToken: () => userToken({ sub: "tok4a", projects: ["p1"] }) });
+    const w = watch(c);
+    await w.waitFor(() => c.state === "connected" && c.rooms().includes("user:tok4a"), "connected as tok4a");
+    const confirmed: string[][] = [];
+    c.on("subscribed", (rooms) => confirmed.push(rooms.map((r) => r.room).sort()));
+
+    c.setTokenSource(() => userToken({ sub: "tok4b", projects: ["p1"] }));
+    await w.waitFor(() => confirmed.some((rooms) => rooms.includes("user:tok4b")), "a stream carrying tok4b's rooms");
+    expect(c.identity?.userId).toBe("tok4b");
+    expect(c.rooms()).not.toContain("user:tok4a");
+    expect(w.states).toEqual(["connecting", "connected"]); // never left connected
+    const presence = await c.getPresence(P1);
+    expect(presence.userIds).toContain("tok4b");
+  });
+
+  it("a client that gave up on refused tokens starts again with a new token source", async () => {
+    const c = client(server.url, {
+      rooms: [P1],
+      backoff: { initialMs: 20, maxMs: 100 },
+      getToken: () => mintDevToken({ sub: "tok5", tid: "t1", projects: ["p1"] }, "not-the-server-secret"),
+    });
+    const w = watch(c);
+    await w.waitFor(() => c.state === "error", "the error state");
+    c.setTokenSource(() => userToken({ sub: "tok5", projects: ["p1"] }));
+    await w.waitFor(() => c.state === "connected", "connected with the new source");
+  });
 });
