@@ -67,6 +67,11 @@ export interface LamplightOptions {
   tokenTimeoutMs?: number;
   /** Rooms to join from the start (each holds one reference, see {@link Lamplight.join}). */
   rooms?: string[];
+  /**
+   * Where rooms resume from (room -> event id), e.g. another client's `cursors()`: a room joined later
+   * is subscribed with this `since`, so the server replays what came after it (or says `Reset`).
+   */
+  since?: Record<string, string>;
   /** Join `user:{sub}` and `tenant:{tid}` from the token's claims (default true), as the seed did. */
   autoJoinUserRooms?: boolean;
   /** The server's `--heartbeat-secs`, in ms (default 25 000). The watchdog is derived from it. */
@@ -291,6 +296,7 @@ class LamplightClient implements Lamplight {
     );
     this.typingTracker = new TypingTracker((room, userIds) => this.emitter.emit("typing", { room, userIds }), typing.displayTtlMs);
     for (const room of options.rooms ?? []) this.roomSet.add(room);
+    this.cursorTracker.adoptMissing(options.since ?? {});
     if (options.autoConnect === false) {
       this.closed = true;
     } else {
