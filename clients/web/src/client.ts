@@ -12,8 +12,9 @@
  * A watchdog treats a stream with no message (heartbeats included) for 2.5 heartbeat intervals as dead.
  * Every `UNAUTHENTICATED` gets a fresh token from `getToken({ forceRefresh: true })`; refusals that keep
  * coming end in the `error` state rather than a loop. A token *source* that fails (rejects, returns no
- * token, or gives none within `tokenTimeoutMs`) is not a refusal: the attempt is retried with backoff. A room the server refuses (`PERMISSION_DENIED`) is reported
- * to whoever joined it and dropped; the other rooms carry on.
+ * token, or gives none within `tokenTimeoutMs`) is not a refusal: the attempt is retried with backoff.
+ * A room the server refuses (`PERMISSION_DENIED`) is reported to whoever joined it and dropped; the other
+ * rooms carry on.
  */
 
 import { Code, ConnectError, createClient, type Client, type Transport } from "@connectrpc/connect";
