@@ -9,7 +9,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 
 import type { HarnessProps, Seen, SourceSpec } from "../harness/main.js";
 import { launchChromium, serveHarness, type DemoServer, type TestBrowser } from "../support/browser.js";
-import { freePort, startLamplight, userToken, type LamplightServer } from "../support/lamplight.js";
+import { freePort, Publisher, startLamplight, userToken, type LamplightServer } from "../support/lamplight.js";
 
 const UI_WAIT = 10_000;
 
@@ -20,6 +20,7 @@ interface HarnessWindow {
     calls(name: string): number;
     render(props: HarnessProps): void;
     seen(): Seen;
+    cursor(room: string): string | undefined;
   };
 }
 
@@ -29,12 +30,14 @@ describe("LamplightProvider", () => {
   let harness: DemoServer;
   let server: LamplightServer;
   let chromium: TestBrowser;
+  let pub: Publisher;
   const pageErrors: string[] = [];
 
   beforeAll(async () => {
     harness = await serveHarness();
     server = await startLamplight({ heartbeatSecs: 1, corsOrigins: [harness.url] });
     chromium = await launchChromium();
+    pub = new Publisher(server.url);
   });
   afterAll(async () => {
     await chromium?.close();
@@ -73,6 +76,21 @@ describe("LamplightProvider", () => {
     await state("connected");
     await probe("connected pa");
     expect((await seen()).clients).toBe(2);
+  });
+
+  it("replaces the client when another option changes, resuming its rooms on the same server", async () => {
+    await openPage();
+    await define("d", { tokens: [userToken({ sub: "pd", projects: ["p1"] })] });
+    await render({ baseUrl: server.url, source: "d" });
+    await probe("connected pd");
+    const id = await pub.task("user:pd", "task.created", { id: "for-pd" });
+    await page.waitForFunction((want) => (window as unknown as HarnessWindow).harness.cursor("user:pd") === want, id, { timeout: UI_WAIT });
+
+    await render({ baseUrl: server.url, source: "d", heartbeatIntervalMs: 1500 });
+    await page.waitForFunction(() => (window as unknown as HarnessWindow).harness.seen().recovered.length > 0, undefined, { timeout: UI_WAIT });
+    const after = await seen();
+    expect(after.clients).toBe(2);
+    expect(after.recovered).toContain("user:pd");
   });
 
   it("follows a new token source on the same client, and a re-render with equal options changes nothing", async () => {

@@ -23,6 +23,8 @@ export interface HarnessProps {
   /** Name of a source given to `defineSource`. */
   source: string;
   tokenTimeoutMs?: number;
+  /** Default 1000. */
+  heartbeatIntervalMs?: number;
 }
 
 export interface Seen {
@@ -30,6 +32,8 @@ export interface Seen {
   userId: string | undefined;
   /** Distinct clients the hooks have seen so far; the current one is the last. */
   clients: number;
+  /** Rooms the current client's last `Subscribed` said were recovered from a `since`. */
+  recovered: string[];
 }
 
 interface Harness {
@@ -40,19 +44,32 @@ interface Harness {
   calls(name: string): number;
   render(props: HarnessProps): void;
   seen(): Seen;
+  /** The current client's resume position in a room. */
+  cursor(room: string): string | undefined;
 }
 
 const sources = new Map<string, (context: TokenContext) => Promise<string>>();
 const calls = new Map<string, number>();
 const hanging = new Map<string, boolean>();
 const clientIds = new Map<Lamplight, number>();
-let seen: Seen = { state: "none", userId: undefined, clients: 0 };
+let currentClient: Lamplight | undefined;
+let seen: Seen = { state: "none", userId: undefined, clients: 0, recovered: [] };
+let recovered: string[] = [];
 
 function Probe(): ReactNode {
   const { client, state, identity } = useLamplight();
   if (!clientIds.has(client)) clientIds.set(client, clientIds.size + 1);
+  currentClient = client;
+  useEffect(
+    () =>
+      client.on("subscribed", (rooms) => {
+        recovered = rooms.filter((r) => r.recovered).map((r) => r.room).sort();
+        seen = { ...seen, recovered };
+      }),
+    [client],
+  );
   useEffect(() => {
-    seen = { state, userId: identity?.userId, clients: clientIds.size };
+    seen = { state, userId: identity?.userId, clients: clientIds.size, recovered };
     document.body.dataset.state = state;
   });
   return <p data-testid="probe">{`${state} ${identity?.userId ?? "-"} client#${clientIds.get(client)}`}</p>;
@@ -81,7 +98,7 @@ const harness: Harness = {
         <LamplightProvider
           baseUrl={props.baseUrl}
           getToken={getToken}
-          heartbeatIntervalMs={1000}
+          heartbeatIntervalMs={props.heartbeatIntervalMs ?? 1000}
           autoJoinUserRooms={true}
           backoff={{ initialMs: 50, maxMs: 400 }}
           tokenTimeoutMs={props.tokenTimeoutMs}
@@ -93,6 +110,7 @@ const harness: Harness = {
     );
   },
   seen: () => seen,
+  cursor: (room) => currentClient?.cursors()[room],
 };
 
 (globalThis as unknown as { harness: Harness }).harness = harness;
