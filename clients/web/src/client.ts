@@ -10,9 +10,11 @@
  * When the stream fails it is re-opened after a backoff ({@link Backoff}), resuming every room from its
  * cursor; the server replays what was missed, or sends `Reset` (surfaced as the `reset` event: refetch).
  * A watchdog treats a stream with no message (heartbeats included) for 2.5 heartbeat intervals as dead.
- * `UNAUTHENTICATED` gets a fresh token from `getToken({ forceRefresh: true })`; refusals that keep coming
- * end in the `error` state rather than a loop. A room the server refuses (`PERMISSION_DENIED`) is reported
- * to whoever joined it and dropped; the other rooms carry on.
+ * Every `UNAUTHENTICATED` gets a fresh token from `getToken({ forceRefresh: true })`; refusals that keep
+ * coming end in the `error` state rather than a loop. A token *source* that fails (rejects, returns no
+ * token, or gives none within `tokenTimeoutMs`) is not a refusal: the attempt is retried with backoff.
+ * A room the server refuses (`PERMISSION_DENIED`) is reported to whoever joined it and dropped; the other
+ * rooms carry on.
  */
 
 import { Code, ConnectError, createClient, type Client, type Transport } from "@connectrpc/connect";
@@ -39,6 +41,16 @@ export const DEFAULT_HEARTBEAT_MS = 25_000;
 export const DEFAULT_WATCHDOG_FACTOR = 2.5;
 /** Consecutive refusals of fresh tokens before giving up (`error` state). */
 export const DEFAULT_MAX_AUTH_FAILURES = 3;
+/** How long a `getToken()` call may take before the attempt fails (and is retried with backoff). */
+export const DEFAULT_TOKEN_TIMEOUT_MS = 10_000;
+
+/** What {@link LamplightOptions.getToken} is told. */
+export interface TokenContext {
+  /** The server refused the last token (e.g. it expired): do not answer from a cache. */
+  forceRefresh: boolean;
+  /** Aborted when the client no longer waits for this token (timeout, `close()`, `reconnect()`). */
+  signal: AbortSignal;
+}
 
 /** Options of {@link createLamplight}. */
 export interface LamplightOptions {
@@ -47,10 +59,20 @@ export interface LamplightOptions {
   /**
    * Returns the app's JWT. Called before every stream is opened and for unary calls; with
    * `forceRefresh: true` after the server refused the token (e.g. it expired), so cache accordingly.
+   * A call that throws, rejects, returns no token or takes longer than `tokenTimeoutMs` fails the attempt,
+   * which is retried with backoff (it does not count as a refused token); pass `signal` to `fetch` so a
+   * timed-out call is cancelled. Replace it with {@link Lamplight.setTokenSource}.
    */
-  getToken: (context: { forceRefresh: boolean }) => string | Promise<string>;
+  getToken: (context: TokenContext) => string | Promise<string>;
+  /** How long a `getToken()` call may take, in ms (default 10 000); then the attempt is retried. */
+  tokenTimeoutMs?: number;
   /** Rooms to join from the start (each holds one reference, see {@link Lamplight.join}). */
   rooms?: string[];
+  /**
+   * Where rooms resume from (room -> event id), e.g. another client's `cursors()`: a room joined later
+   * is subscribed with this `since`, so the server replays what came after it (or says `Reset`).
+   */
+  since?: Record<string, string>;
   /** Join `user:{sub}` and `tenant:{tid}` from the token's claims (default true), as the seed did. */
   autoJoinUserRooms?: boolean;
   /** The server's `--heartbeat-secs`, in ms (default 25 000). The watchdog is derived from it. */
@@ -172,6 +194,12 @@ export interface Lamplight {
   reconnect(): void;
   /** Closes the stream and stops reconnecting; joined rooms are kept for a later `connect()`. */
   close(): void;
+  /**
+   * Replaces `getToken` (e.g. another user signed in). No-op for the same function. Otherwise the next
+   * token comes from the new source, and a running client re-opens its stream with one now (staying
+   * connected meanwhile, as for a join); a client that gave up (`error`) starts again.
+   */
+  setTokenSource(getToken: LamplightOptions["getToken"]): void;
   /** Counters. */
   stats(): LamplightStats;
 }
@@ -215,13 +243,16 @@ class LamplightClient implements Lamplight {
   private readonly maxAuthFailures: number;
   private readonly maxAttempts: number;
   private readonly autoJoin: boolean;
-  private readonly getToken: LamplightOptions["getToken"];
+  private readonly tokenTimeoutMs: number;
+  private getToken: LamplightOptions["getToken"];
 
   private currentState: ConnectionState = "disconnected";
   private lastError: Error | undefined;
   private currentIdentity: Identity | undefined;
   private token: string | undefined;
-  private needFreshToken = false;
+  /** UNAUTHENTICATED answers so far; a token fetched with `forceRefresh` serves those before its call. */
+  private freshTokensWanted = 0;
+  private freshTokensServed = 0;
   private active: StreamHandle | undefined;
   private opening: StreamHandle | undefined;
   private retryTimer: ReturnType<typeof setTimeout> | undefined;
@@ -256,6 +287,8 @@ class LamplightClient implements Lamplight {
     this.watchdogMs = Math.round(this.heartbeatMs * (options.watchdogFactor ?? DEFAULT_WATCHDOG_FACTOR));
     this.maxAuthFailures = options.maxAuthFailures ?? DEFAULT_MAX_AUTH_FAILURES;
     this.maxAttempts = options.maxAttempts ?? Infinity;
+    this.tokenTimeoutMs = options.tokenTimeoutMs ?? DEFAULT_TOKEN_TIMEOUT_MS;
+    if (!(this.tokenTimeoutMs > 0)) throw new RangeError(`createLamplight: tokenTimeoutMs must be positive, got ${this.tokenTimeoutMs}`);
     this.backoff = new Backoff(options.backoff, options.random);
     const typing = { ...DEFAULT_TYPING, ...options.typing };
     this.typingSender = new TypingSender(
@@ -264,6 +297,7 @@ class LamplightClient implements Lamplight {
     );
     this.typingTracker = new TypingTracker((room, userIds) => this.emitter.emit("typing", { room, userIds }), typing.displayTtlMs);
     for (const room of options.rooms ?? []) this.roomSet.add(room);
+    this.cursorTracker.adoptMissing(options.since ?? {});
     if (options.autoConnect === false) {
       this.closed = true;
     } else {
@@ -373,6 +407,24 @@ class LamplightClient implements Lamplight {
     this.setState(nextState(this.currentState, "idle"));
   }
 
+  setTokenSource(getToken: LamplightOptions["getToken"]): void {
+    if (typeof getToken !== "function") throw new TypeError("setTokenSource: getToken must be a function");
+    if (getToken === this.getToken) return;
+    this.getToken = getToken;
+    this.token = undefined;
+    this.authFailures = 0;
+    if (this.closed) return;
+    if (this.halted) {
+      this.restart();
+      return;
+    }
+    // Make-before-break, as for a join: the current stream stays until one with the new token is confirmed.
+    if (this.active || this.opening || this.retryTimer) {
+      this.clearRetry();
+      this.open();
+    }
+  }
+
   stats(): LamplightStats {
     return { ...this.counters };
   }
@@ -445,9 +497,9 @@ class LamplightClient implements Lamplight {
   private async run(h: StreamHandle): Promise<void> {
     let token: string;
     try {
-      token = await this.obtainToken();
+      token = await this.obtainToken(h.controller.signal);
     } catch (err) {
-      if (this.isCurrent(h)) this.failed(h, ConnectError.from(err));
+      if (this.isCurrent(h) && !h.stopped) this.failed(h, ConnectError.from(err));
       return;
     }
     if (!this.isCurrent(h)) return;
@@ -562,6 +614,8 @@ class LamplightClient implements Lamplight {
     this.stop(h, "failed");
     if (wasActive) this.cursorTracker.adoptMissing(resumeSince(err));
     const kind = classify(err);
+    // Whatever happens next, the token just refused is not offered again.
+    if (kind === "auth") this.freshTokensWanted += 1;
 
     if (kind === "denied" || kind === "invalid") {
       if (this.refused(h, err)) {
@@ -577,9 +631,17 @@ class LamplightClient implements Lamplight {
       return;
     }
     if (this.active) {
-      // Re-opening for a join failed, but the previous stream still carries the other rooms: try later.
+      // Re-opening for a join failed, but the previous stream still carries the other rooms: try later,
+      // at once with a fresh token after a first refusal. It never gives up while that stream is up.
       this.counters.reconnects += 1;
-      this.scheduleRetry(this.backoff.next(), err);
+      let delay: number;
+      if (kind === "auth") {
+        this.authFailures += 1;
+        delay = this.authFailures === 1 ? 0 : this.backoff.next();
+      } else {
+        delay = this.backoff.next();
+      }
+      this.scheduleRetry(delay, err);
       return;
     }
     this.typingSender.disconnected();
@@ -598,7 +660,6 @@ class LamplightClient implements Lamplight {
         this.fatal(err);
         return;
       }
-      this.needFreshToken = true;
       delay = this.authFailures === 1 ? 0 : this.backoff.next();
     } else {
       this.failures += 1;
@@ -719,18 +780,49 @@ class LamplightClient implements Lamplight {
 
   // ---- tokens and unary calls ----
 
-  private async obtainToken(): Promise<string> {
-    const forceRefresh = this.needFreshToken;
-    this.needFreshToken = false;
+  /**
+   * A token from the app's source. Its failures (a throw, a rejection, no token, no answer within
+   * `tokenTimeoutMs`) are UNAVAILABLE, i.e. retried with backoff like a network error: the server refused
+   * nothing. `cancel` (the stream's signal) stops waiting early.
+   */
+  private async obtainToken(cancel?: AbortSignal): Promise<string> {
+    const wanted = this.freshTokensWanted;
+    const forceRefresh = wanted > this.freshTokensServed;
+    const source = this.getToken;
+    const controller = new AbortController();
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    let onCancel: (() => void) | undefined;
+    const gaveUp = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        const err = new ConnectError(`getToken gave no token after ${this.tokenTimeoutMs} ms (tokenTimeoutMs)`, Code.Unavailable);
+        controller.abort(err);
+        reject(err);
+      }, this.tokenTimeoutMs);
+      onCancel = () => {
+        const err = new ConnectError("no longer waiting for the token", Code.Canceled);
+        controller.abort(err);
+        reject(err);
+      };
+      if (cancel?.aborted) onCancel();
+      else cancel?.addEventListener("abort", onCancel, { once: true });
+    });
     let token: unknown;
     try {
-      token = await this.getToken({ forceRefresh });
+      token = await Promise.race([Promise.resolve().then(() => source({ forceRefresh, signal: controller.signal })), gaveUp]);
     } catch (err) {
-      throw new ConnectError(`getToken failed: ${err instanceof Error ? err.message : String(err)}`, Code.Unauthenticated, undefined, undefined, err);
+      if (err instanceof ConnectError && controller.signal.aborted && err === controller.signal.reason) throw err;
+      throw new ConnectError(`getToken failed: ${err instanceof Error ? err.message : String(err)}`, Code.Unavailable, undefined, undefined, err);
+    } finally {
+      clearTimeout(timer);
+      if (onCancel) cancel?.removeEventListener("abort", onCancel);
     }
     if (typeof token !== "string" || token === "") {
-      throw new ConnectError("getToken returned no token", Code.Unauthenticated);
+      throw new ConnectError("getToken returned no token", Code.Unavailable);
     }
+    if (source !== this.getToken) {
+      throw new ConnectError("the token source was replaced while fetching a token", Code.Unavailable);
+    }
+    if (forceRefresh) this.freshTokensServed = Math.max(this.freshTokensServed, wanted);
     this.token = token;
     this.learnIdentity(token);
     return token;
@@ -769,7 +861,7 @@ class LamplightClient implements Lamplight {
       return await call({ authorization: `Bearer ${token}` });
     } catch (err) {
       if (classify(err) !== "auth") throw err;
-      this.needFreshToken = true;
+      this.freshTokensWanted += 1;
       const fresh = await this.obtainToken();
       return call({ authorization: `Bearer ${fresh}` });
     }

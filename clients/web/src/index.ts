@@ -13,6 +13,7 @@ export {
   createLamplight,
   DEFAULT_HEARTBEAT_MS,
   DEFAULT_MAX_AUTH_FAILURES,
+  DEFAULT_TOKEN_TIMEOUT_MS,
   DEFAULT_WATCHDOG_FACTOR,
   type Lamplight,
   type LamplightEvents,
@@ -21,9 +22,11 @@ export {
   type Presence,
   type ResetNotice,
   type RetryNotice,
+  type TokenContext,
 } from "./client.js";
 export { Backoff, DEFAULT_BACKOFF, type BackoffOptions } from "./backoff.js";
 export { CursorTracker, DEFAULT_DEDUPE_WINDOW } from "./cursors.js";
+export { compareEventIds, movesForward } from "./ids.js";
 export { JoinCancelledError, JoinError, RESUME_METADATA_KEY, classify, resumeSince, type FailureKind } from "./errors.js";
 export {
   RoomSet,

@@ -37,15 +37,18 @@ export const config = {
   ],
 };
 
-/** The token, from the development-only endpoint of the Vite server (the page never sees the secret). */
-export async function fetchToken(): Promise<string> {
+/**
+ * The token, from the development-only endpoint of the Vite server (the page never sees the secret).
+ * `signal` is the client's: aborted when it stops waiting (after `tokenTimeoutMs`, on close or Retry).
+ */
+export async function fetchToken({ signal }: { signal?: AbortSignal } = {}): Promise<string> {
   const q = new URLSearchParams({
     sub: config.user,
     tid: config.tenant,
     projects: config.project,
     channels: config.channels.filter((c) => c.granted).map((c) => c.id).join(","),
   });
-  const res = await fetch(`/dev-token?${q}`);
+  const res = await fetch(`/dev-token?${q}`, { signal });
   if (!res.ok) throw new Error(`dev token: ${res.status} ${await res.text()}`);
   return res.text();
 }

@@ -43,23 +43,86 @@ export type LamplightProviderProps =
   | { client: Lamplight; children?: ReactNode }
   | ({ client?: undefined; children?: ReactNode } & LamplightOptions);
 
+/** Ids for transports, so a new transport object counts as a change of options. */
+const transportIds = new WeakMap<object, number>();
+let lastTransportId = 0;
+
+/** JSON with object keys sorted: equal options give equal text whatever order they were written in. */
+function stableJson(value: unknown): string {
+  return JSON.stringify(value, (_key, v: unknown) =>
+    v && typeof v === "object" && !Array.isArray(v)
+      ? Object.fromEntries(Object.entries(v as Record<string, unknown>).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)))
+      : v,
+  );
+}
+
+/** Which server a client talks to: its base URL and transport. */
+function serverOf(options: LamplightOptions): string {
+  const { transport } = options;
+  let id = 0;
+  if (transport) {
+    id = transportIds.get(transport) ?? ++lastTransportId;
+    transportIds.set(transport, id);
+  }
+  return stableJson([options.baseUrl, id]);
+}
+
+/**
+ * What a client is made of, as text: every option but `getToken` (swapped on the running client),
+ * `random` (tests), `autoConnect` (the provider connects) and `since` (read once). Compared by value,
+ * so inline objects (`backoff={{ ... }}`) re-created on every render change nothing.
+ */
+function clientKey(options: LamplightOptions): string {
+  const { getToken: _g, random: _r, autoConnect: _a, since: _s, transport: _t, baseUrl: _b, rooms, ...rest } = options;
+  return stableJson({ ...rest, rooms: rooms ? [...rooms].sort() : undefined, server: serverOf(options) });
+}
+
+interface Owned {
+  key: string;
+  server: string;
+  client: Lamplight;
+}
+
+/** Created without connecting: React may render (and so create) more than once and drop the results. */
+function createOwned(options: LamplightOptions, key: string, previous: Owned | undefined): Owned {
+  const server = serverOf(options);
+  // Same server: rooms resume where the replaced client was, instead of a silent gap.
+  const since = previous?.server === server ? { ...previous.client.cursors(), ...options.since } : options.since;
+  return { key, server, client: createLamplight({ ...options, since, autoConnect: false }) };
+}
+
 /**
  * Makes a client available to the hooks below it. Given options (`baseUrl`, `getToken`, ...), it creates
- * the client once and closes it on unmount; given a `client`, it only provides it.
+ * the client, connects it, and closes it on unmount. It follows later props: a new `getToken` function
+ * goes to the running client ({@link Lamplight.setTokenSource}: the stream is re-opened with a token from
+ * it), so pass a stable function (module level or `useCallback`), not a new arrow on every render. Any
+ * other change of value (`baseUrl`, `heartbeatIntervalMs`, `backoff`, ...) replaces the client: the old one
+ * is closed, hooks join their rooms on the new one, which resumes them from the old one's positions when
+ * the server is the same. Given a `client`, it only provides it.
  */
 export function LamplightProvider(props: LamplightProviderProps): ReactNode {
   const { children } = props;
-  // Created without connecting: React may call this initializer twice and drop one result.
-  const [owned] = useState(() =>
-    props.client ? undefined : createLamplight({ ...(props as LamplightOptions), autoConnect: false }),
-  );
-  const client = props.client ?? owned!;
+  const options = props.client ? undefined : (props as LamplightOptions);
+  const key = options ? clientKey(options) : undefined;
+  const [owned, setOwned] = useState<Owned | undefined>(() => (options && key !== undefined ? createOwned(options, key, undefined) : undefined));
+  let current = owned;
+  if (options && key !== undefined && (!owned || owned.key !== key)) {
+    // Options changed: derive the new client during render (React re-renders at once with it).
+    current = createOwned(options, key, owned);
+    setOwned(current);
+  }
+  const ownedClient = options ? current?.client : undefined;
   useEffect(() => {
-    if (!owned) return;
+    if (!ownedClient) return;
     // Effects may run twice in development (StrictMode): closing keeps the joined rooms, connect resumes.
-    owned.connect();
-    return () => owned.close();
-  }, [owned]);
+    ownedClient.connect();
+    return () => ownedClient.close();
+  }, [ownedClient]);
+  const getToken = options?.getToken;
+  useEffect(() => {
+    if (ownedClient && getToken) ownedClient.setTokenSource(getToken);
+  }, [ownedClient, getToken]);
+  const client = props.client ?? ownedClient!;
   return <LamplightContext.Provider value={client}>{children}</LamplightContext.Provider>;
 }
 
@@ -448,7 +511,8 @@ function useRetryCountdown(client: Lamplight): number | undefined {
 
 /**
  * The connection indicator: hidden while connected (the normal state), as in the seed; otherwise says
- * connecting, reconnecting (with the retry countdown), disconnected, or the error with a Retry button.
+ * connecting, reconnecting (with the retry countdown), disconnected, or the error, always with a Retry
+ * button (`reconnect()`: a new attempt now, with the backoff and failure counts reset).
  */
 export function ConnectionStatus({ className, style, labels }: ConnectionStatusProps): ReactNode {
   const { client, state, error } = useLamplight();
@@ -466,15 +530,14 @@ export function ConnectionStatus({ className, style, labels }: ConnectionStatusP
       <span>{text}</span>
       {state === "reconnecting" && seconds !== undefined && seconds > 0 ? <span> retrying in {seconds} s</span> : null}
       {state === "error" && error ? <span title={error.message}> ({error.message})</span> : null}
-      {state === "error" || state === "disconnected" ? (
-        <button
-          type="button"
-          onClick={() => client.reconnect()}
-          style={{ marginLeft: 10, font: "inherit", cursor: "pointer", borderRadius: 6, border: "1px solid #fff8", background: "transparent", color: "inherit" }}
-        >
-          Retry
-        </button>
-      ) : null}
+      {/* Whenever not connected: a wait can be cut short, and a stuck attempt is never the end. */}
+      <button
+        type="button"
+        onClick={() => client.reconnect()}
+        style={{ marginLeft: 10, font: "inherit", cursor: "pointer", borderRadius: 6, border: "1px solid #fff8", background: "transparent", color: "inherit" }}
+      >
+        Retry
+      </button>
     </div>
   );
 }

@@ -182,6 +182,19 @@ describe("with one server", () => {
     expect(r.states).toEqual(["connecting", "reconnecting", "error"]);
   });
 
+  it("resumes a room from the `since` it was created with (another client's cursors)", async () => {
+    const first = await pub.task(P1, "task.created", task("since-1"));
+    const missed = await pub.task(P1, "task.created", task("since-2"));
+    const c = client(server.url, { autoJoinUserRooms: false, since: { [P1]: first }, getToken: () => userToken({ sub: "u8", projects: ["p1"] }) });
+    const r = record(c);
+    const confirmed: { room: string; recovered: boolean }[] = [];
+    c.on("subscribed", (rooms) => confirmed.push(...rooms.map(({ room, recovered }) => ({ room, recovered }))));
+    await c.join(P1);
+    await r.waitFor(() => r.idsIn(P1).includes(missed), "the event after `since`, replayed");
+    expect(r.idsIn(P1)).toEqual([missed]);
+    expect(confirmed).toEqual([{ room: P1, recovered: true }]);
+  });
+
   it("shows who is typing to the others, never to the typist", async () => {
     const ada = client(server.url, { getToken: () => userToken({ sub: "ada", channels: ["typing"] }) });
     const bob = client(server.url, { getToken: () => userToken({ sub: "bob", channels: ["typing"] }) });

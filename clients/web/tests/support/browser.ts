@@ -1,11 +1,13 @@
 /** Debian's Chromium driven by playwright-core (no browser download), and the demo page served by Vite. */
 
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
 import path from "node:path";
 
 import { chromium, type Browser } from "playwright-core";
-import { preview } from "vite";
+import { build, preview, type InlineConfig } from "vite";
 
-import { CHROMIUM, DEMO_DIR, requireChromium } from "./env.js";
+import { CHROMIUM, DEMO_DIR, HARNESS_DIR, requireChromium } from "./env.js";
 import { freePort } from "./lamplight.js";
 
 /**
@@ -63,5 +65,39 @@ export async function serveDemo(): Promise<DemoServer> {
   return {
     url: `http://127.0.0.1:${port}`,
     close: () => server.close(),
+  };
+}
+
+/**
+ * Builds the React harness page (tests/harness) into a temporary directory and serves it: a page whose
+ * `<LamplightProvider>` props the test changes through `window.harness`.
+ */
+export async function serveHarness(): Promise<DemoServer> {
+  const outDir = mkdtempSync(path.join(tmpdir(), "lamplight-harness-"));
+  const config: InlineConfig = {
+    root: HARNESS_DIR,
+    configFile: false,
+    logLevel: "warn",
+    build: {
+      outDir,
+      emptyOutDir: true,
+      chunkSizeWarningLimit: 1024,
+      rollupOptions: {
+        // TanStack Query's "use client" markers mean nothing in a client-only bundle (as in the demo).
+        onwarn(warning, warn) {
+          if (warning.code !== "MODULE_LEVEL_DIRECTIVE") warn(warning);
+        },
+      },
+    },
+  };
+  await build(config);
+  const port = await freePort();
+  const server = await preview({ ...config, preview: { port, host: "127.0.0.1", strictPort: true, open: false } });
+  return {
+    url: `http://127.0.0.1:${port}`,
+    async close() {
+      await server.close();
+      rmSync(outDir, { recursive: true, force: true });
+    },
   };
 }

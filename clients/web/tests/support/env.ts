@@ -6,6 +6,8 @@ import path from "node:path";
 export const PACKAGE_DIR = path.resolve(import.meta.dirname, "../..");
 export const REPO_ROOT = path.resolve(PACKAGE_DIR, "../..");
 export const DEMO_DIR = path.join(PACKAGE_DIR, "demo");
+/** The page the React e2e tests drive (built at test time, see `serveHarness`). */
+export const HARNESS_DIR = path.join(PACKAGE_DIR, "tests", "harness");
 export const LAMPLIGHT_BIN = process.env.LAMPLIGHT_BIN ?? path.join(REPO_ROOT, "target", "debug", "lamplight");
 export const CHROMIUM = process.env.CHROMIUM_PATH ?? "/usr/bin/chromium";
 export const REDIS_SERVER = process.env.REDIS_SERVER ?? "redis-server";
