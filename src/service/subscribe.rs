@@ -11,13 +11,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use futures::Stream;
+use futures::future::BoxFuture;
+use futures::{FutureExt as _, Stream, StreamExt as _, TryStreamExt as _};
 use tokio::time::Instant;
 use tonic::Status;
 
 use super::EventApi;
 use crate::auth::Principal;
-use crate::bus::{sink, Bus, Lease, Position, Recovery, RoomItem};
+use crate::bus::{
+    sink_with_bytes, Bus, BusError, Lease, Page, Position, Recovery, RoomFeed, RoomItem,
+};
 use crate::error::{ServiceError, StreamEnd};
 use crate::metrics::{StreamGuard, EVENTS_DELIVERED};
 use crate::policy;
@@ -28,6 +31,8 @@ use crate::proto::v1::{
 use crate::rooms::Room;
 use crate::wire::SharedResponse;
 
+/// Rooms of one `Subscribe` attached at the same time.
+const SUBSCRIBE_CONCURRENCY: usize = 16;
 /// Queued items a stream takes in a row before it looks at its timer and shutdown token again.
 const FAST_PATH_BURST: usize = 64;
 
@@ -44,29 +49,39 @@ impl EventApi {
     ) -> Result<SubscribeStream, ServiceError> {
         let rooms = self.validate(&principal, &req)?;
         let inner = self.inner.clone();
-        let (sink, mut inbox) = sink(inner.limits.stream_queue);
+        let (sink, mut inbox) =
+            sink_with_bytes(inner.limits.stream_queue, inner.limits.stream_queue_bytes);
 
-        // Attach to every room before anything is sent, so nothing published from here on is missed.
+        // Attach to every room before anything is sent, so nothing published from here on is missed; a
+        // few rooms at a time, so that the bus can batch their subscriptions.
+        let attach: Vec<BoxFuture<'_, Result<(Option<&str>, RoomFeed), BusError>>> = rooms
+            .iter()
+            .map(|room| {
+                let since = req
+                    .since
+                    .get(room)
+                    .map(String::as_str)
+                    .filter(|id| !id.is_empty());
+                let (bus, sink) = (&inner.bus, &sink);
+                async move { bus.subscribe(room, since, sink).await.map(|feed| (since, feed)) }
+                    .boxed()
+            })
+            .collect();
+        let feeds: Vec<_> = futures::stream::iter(attach)
+            .buffered(SUBSCRIBE_CONCURRENCY)
+            .try_collect()
+            .await?;
         let mut first = Vec::with_capacity(rooms.len());
-        let mut pending = Vec::new();
+        let mut replays = Vec::with_capacity(rooms.len());
         let mut leases: Vec<Lease> = Vec::with_capacity(rooms.len());
         let mut position: BTreeMap<String, String> = BTreeMap::new();
         let mut skip: HashMap<Arc<str>, Position> = HashMap::new();
-        for room in &rooms {
-            let since = req
-                .since
-                .get(room)
-                .map(String::as_str)
-                .filter(|id| !id.is_empty());
-            let feed = inner.bus.subscribe(room, since, &sink).await?;
+        for (room, (since, feed)) in rooms.iter().zip(feeds) {
             let recovered = feed.recovery == Recovery::Recovered;
-            if let Recovery::Reset(reason) = &feed.recovery {
-                pending.push(SharedResponse::from_message(Kind::Reset(Reset {
-                    room: room.clone(),
-                    reason: reason.clone(),
-                })));
-            }
-            pending.extend(feed.replay.iter().map(|e| e.frame.clone()));
+            let reset = match feed.recovery {
+                Recovery::Reset(reason) => Some(reason),
+                _ => None,
+            };
             if let Some(through) = feed.skip_through {
                 skip.insert(room.as_str().into(), through);
             }
@@ -75,7 +90,10 @@ impl EventApi {
                 last_event_id: feed.last_event_id.clone(),
                 recovered,
             });
-            position.insert(room.clone(), feed.last_event_id);
+            // Until its replay is sent, a room stands where the client said.
+            let start = since.filter(|_| recovered).unwrap_or(&feed.last_event_id);
+            position.insert(room.clone(), start.to_owned());
+            replays.push((room.clone(), reset, feed.replay, feed.last_event_id));
             leases.push(feed.lease);
         }
         let subscribed =
@@ -99,8 +117,41 @@ impl EventApi {
             let mut metrics = StreamGuard::open();
             let delivered = metrics::counter!(EVENTS_DELIVERED);
             yield Ok(subscribed);
-            for frame in pending {
-                yield Ok(frame);
+            // Per room a Reset or its replay, read a page at a time as the client takes it.
+            let mut replay_failed = None;
+            'rooms: for (room, reset, mut replay, last_event_id) in replays {
+                if let Some(reason) = reset {
+                    yield Ok(SharedResponse::from_message(Kind::Reset(Reset { room, reason })));
+                    continue;
+                }
+                loop {
+                    match replay.next_page().await {
+                        Ok(Page::Events(events)) => {
+                            for event in events {
+                                if let Some(last) = position.get_mut(&room) {
+                                    last.clone_from(&event.id);
+                                }
+                                yield Ok(SharedResponse::from_stored(event));
+                            }
+                        }
+                        Ok(Page::Reset(reason)) => {
+                            yield Ok(SharedResponse::from_message(Kind::Reset(Reset { room: room.clone(), reason })));
+                            break;
+                        }
+                        Ok(Page::Done) => break,
+                        Err(error) => {
+                            replay_failed = Some(error);
+                            break 'rooms;
+                        }
+                    }
+                }
+                position.insert(room, last_event_id);
+            }
+            if let Some(error) = replay_failed {
+                tracing::warn!(%error, "history replay failed: ending the stream");
+                metrics.ended(StreamEnd::BusUnavailable);
+                yield Err(Status::from(ServiceError::StreamEnded { reason: StreamEnd::BusUnavailable, since: position }));
+                return;
             }
             // One timer for the next heartbeat and the token's expiry, and this stream's own cancellation
             // token (a child of the server's), so that waiting costs no lock other streams share.
