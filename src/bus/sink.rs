@@ -119,7 +119,8 @@ impl Sink {
         }
         let size = item_bytes(&item);
         let too_many = queue.items.len() >= shared.capacity;
-        let too_big = !queue.items.is_empty() && queue.bytes.saturating_add(size) > shared.max_bytes;
+        let too_big =
+            !queue.items.is_empty() && queue.bytes.saturating_add(size) > shared.max_bytes;
         if too_many || too_big {
             shared.overflowed.store(true, Ordering::Relaxed);
             drop(queue);

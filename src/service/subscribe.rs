@@ -63,8 +63,12 @@ impl EventApi {
                     .map(String::as_str)
                     .filter(|id| !id.is_empty());
                 let (bus, sink) = (&inner.bus, &sink);
-                async move { bus.subscribe(room, since, sink).await.map(|feed| (since, feed)) }
-                    .boxed()
+                async move {
+                    bus.subscribe(room, since, sink)
+                        .await
+                        .map(|feed| (since, feed))
+                }
+                .boxed()
             })
             .collect();
         let feeds: Vec<_> = futures::stream::iter(attach)

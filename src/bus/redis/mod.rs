@@ -339,7 +339,13 @@ impl ReplayPages for RedisReplay {
         let read = bounded(
             self.timeout,
             "history read",
-            scripts::read_page(&mut self.conn, &self.room, Some(self.after), bounds, self.settings),
+            scripts::read_page(
+                &mut self.conn,
+                &self.room,
+                Some(self.after),
+                bounds,
+                self.settings,
+            ),
         )
         .await?;
         if read.epoch != self.epoch {

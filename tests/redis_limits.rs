@@ -1,0 +1,313 @@
+//! The Redis bus within bounds: history replayed in pages as the client reads it, the rooms of a stream
+//! subscribed together, a byte-bounded pub/sub queue that catches up instead of losing events, and the
+//! start-up refusal of a Redis that may evict keys. Private redis-servers only.
+//!
+//! One process-wide metrics recorder: only `a_push_queue_overflow_catches_up_from_the_streams` installs
+//! it.
+
+#[path = "support/redis.rs"]
+mod redis_support;
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use lamplight::proto::v1::subscribe_response::Kind;
+use lamplight::proto::v1::Event;
+use redis_support::*;
+use support::*;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const BIN: &str = env!("CARGO_BIN_EXE_lamplight");
+
+/// A task event for `room` whose title makes it about `bytes` long.
+fn large_event(room: &str, n: usize, bytes: usize) -> Event {
+    let mut event = task_event(room, &format!("task-{n}"));
+    if let Some(lamplight::proto::v1::event::Payload::Task(task)) = &mut event.payload {
+        task.title = "x".repeat(bytes);
+    }
+    event
+}
+
+/// Token of an admin of tenant t1: may join every project room of the tenant.
+fn admin_token() -> String {
+    let mut claims = user_claims("admin");
+    claims.roles = vec!["admin".into()];
+    sign(&claims)
+}
+
+/// `calls` of `cmdstat_{command}` in `INFO commandstats`.
+async fn command_calls(redis: &RedisServer, command: &str) -> u64 {
+    let mut c = redis.conn().await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c)
+        .await
+        .expect("INFO commandstats");
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A resume across 64 rooms of large events (about 37 MiB of history) arrives complete and in order, room
+/// after room. The node reads it a page at a time as the client takes it: with Redis frozen right after
+/// the first replayed event, the rest does not arrive (the old code read all of it before sending the
+/// first); once Redis answers again, it does. The 64 rooms are subscribed in a few batches, not one
+/// Redis SUBSCRIBE per room (the old code attached them one after another).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_across_64_rooms_of_large_events_is_read_in_pages_complete_and_in_order() {
+    const ROOMS: usize = 64;
+    const PER_ROOM: usize = 25;
+    const BYTES: usize = 24 * 1024;
+    let redis = RedisServer::start().await;
+    let setup = |c: &mut lamplight::Config| {
+        use_redis(c, &redis.url());
+        // Redis is frozen for a few seconds below: no call may give up meanwhile.
+        c.redis.redis_timeout_ms = 30_000;
+        c.history_size = 100;
+    };
+    let publisher_node = TestServer::start_with(setup).await;
+    let mut publisher = publisher_node.client(&publisher_token()).await;
+    let rooms: Vec<String> = (0..ROOMS)
+        .map(|i| format!("tenant:t1:project:p{i}"))
+        .collect();
+    let mut published: Vec<Vec<String>> = vec![Vec::new(); ROOMS];
+    for n in 0..PER_ROOM {
+        for (i, room) in rooms.iter().enumerate() {
+            let id = publish_event(&mut publisher, large_event(room, n, BYTES)).await;
+            published[i].push(id);
+        }
+    }
+    // Resume from each room's first event: 24 events per room to replay.
+    let since: Vec<(&str, &str)> = rooms
+        .iter()
+        .zip(&published)
+        .map(|(room, ids)| (room.as_str(), ids[0].as_str()))
+        .collect();
+    let expected: Vec<String> = published
+        .iter()
+        .flat_map(|ids| ids[1..].iter().cloned())
+        .collect();
+
+    // A node with no subscription yet, so that opening the stream subscribes all 64 rooms.
+    let node = TestServer::start_with(setup).await;
+    let mut client = node.client(&admin_token()).await;
+    let subscribes_before = command_calls(&redis, "subscribe").await;
+    let room_refs: Vec<&str> = rooms.iter().map(String::as_str).collect();
+    let (mut stream, subscribed) = subscribe(&mut client, &room_refs, &since)
+        .await
+        .expect("subscribe");
+    assert!(
+        subscribed.rooms.iter().all(|r| r.recovered),
+        "{subscribed:?}"
+    );
+    let subscribes = command_calls(&redis, "subscribe").await - subscribes_before;
+    assert!(
+        subscribes <= (ROOMS / 4) as u64,
+        "{subscribes} SUBSCRIBE calls for {ROOMS} rooms: the rooms were subscribed one at a time"
+    );
+
+    let mut got: Vec<String> = Vec::new();
+    match next_non_heartbeat(&mut stream).await {
+        Ok(Kind::Event(e)) => got.push(e.id),
+        other => panic!("expected the first replayed event, got {other:?}"),
+    }
+    redis.freeze();
+    // Whatever the node already read arrives; the rest needs Redis.
+    let frozen_until = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(frozen_until, stream.message()).await {
+            Err(_) => break,
+            Ok(Ok(Some(msg))) => match msg.kind {
+                Some(Kind::Event(e)) => got.push(e.id),
+                Some(Kind::Heartbeat(_)) => {}
+                other => panic!("unexpected message while Redis is frozen: {other:?}"),
+            },
+            Ok(other) => panic!("stream ended while Redis is frozen: {other:?}"),
+        }
+    }
+    let while_frozen = got.len();
+    redis.thaw();
+    assert!(
+        while_frozen < expected.len() / 2,
+        "{while_frozen} of {} replayed events arrived while Redis was frozen: the replay was read \
+         before it was sent",
+        expected.len()
+    );
+    while got.len() < expected.len() {
+        match tokio::time::timeout(Duration::from_secs(30), stream.message()).await {
+            Ok(Ok(Some(msg))) => match msg.kind {
+                Some(Kind::Event(e)) => got.push(e.id),
+                Some(Kind::Heartbeat(_)) => {}
+                other => panic!("unexpected message in the replay: {other:?}"),
+            },
+            other => panic!(
+                "replay stopped after {} of {} events: {other:?}",
+                got.len(),
+                expected.len()
+            ),
+        }
+    }
+    assert_eq!(
+        got, expected,
+        "every room's missed events, in order, room after room"
+    );
+    // And the stream is live: a new event arrives once.
+    let id = publish_event(&mut publisher, large_event(&rooms[7], 99, 100)).await;
+    assert_eq!(next_event(&mut stream).await.id, id);
+}
+
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    let mut conn = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics port");
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: lamplight\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+/// The value of the sample `series` (exact name and labels), or 0.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// A node whose pub/sub queue holds less than one event (`--redis-push-queue-bytes` 1024, events of
+/// 4 KiB) drops every message at the bound, treats its subscription as lagging and reads the events from
+/// the room's stream: the subscriber still gets every one, in order, without a `Reset`. The recoveries
+/// are counted (the old code, bounded in messages only, never overflowed here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_queue_overflow_catches_up_from_the_streams() {
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let redis = RedisServer::start().await;
+    let node = TestServer::start_with(|c| {
+        use_redis(c, &redis.url());
+        c.redis.redis_push_queue_bytes = 1024;
+        c.metrics_listen = Some(metrics_addr);
+    })
+    .await;
+    let room = "tenant:t1:project:p1";
+    let mut client = node.client(&user_token("u1")).await;
+    let (mut stream, _) = subscribe(&mut client, &[room], &[])
+        .await
+        .expect("subscribe");
+    let mut publisher = node.client(&publisher_token()).await;
+    let mut published = Vec::new();
+    for n in 0..20 {
+        published.push(publish_event(&mut publisher, large_event(room, n, 4096)).await);
+    }
+    let mut got = Vec::new();
+    while got.len() < published.len() {
+        match next_non_heartbeat(&mut stream).await {
+            Ok(Kind::Event(e)) => got.push(e.id),
+            other => panic!("expected events only, got {other:?} after {got:?}"),
+        }
+    }
+    assert_eq!(got, published);
+    let recoveries = sample(
+        &scrape(metrics_addr).await,
+        "lamplight_redis_reconnects_total",
+    );
+    assert!(
+        recoveries >= 1.0,
+        "the queue never overflowed: {recoveries} recoveries"
+    );
+}
+
+/// Starts the binary against `redis_url` with `extra` flags; returns (exit status if it exited within
+/// 20 s, output so far). A process still running after that (it started) is killed.
+async fn run_binary(redis_url: &str, extra: &[&str]) -> (Option<std::process::ExitStatus>, String) {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("lamplight-evict-{}-{run}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("out.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--listen", &addr.to_string()])
+        .args(extra)
+        .env_clear()
+        .env("REDIS_URL", redis_url)
+        .env("LAMPLIGHT_JWT_SECRET", SECRET)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(file.try_clone().unwrap()))
+        .stderr(Stdio::from(file))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if tokio::net::TcpStream::connect(addr).await.is_ok()
+            || tokio::time::Instant::now() > deadline
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    (status, output)
+}
+
+/// Against a Redis with `maxmemory-policy allkeys-lru` the binary refuses to start, naming the setting
+/// and the override; with `--redis-allow-eviction` it starts (and warns).
+#[tokio::test]
+async fn an_evicting_redis_is_refused_at_start_unless_allowed() {
+    let redis = RedisServer::start_with(&[
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--maxmemory-policy",
+        "allkeys-lru",
+    ])
+    .await;
+    let (status, output) = run_binary(&redis.url(), &[]).await;
+    let status = status.unwrap_or_else(|| panic!("started against an evicting Redis:\n{output}"));
+    assert!(!status.success(), "{output}");
+    for needle in [
+        "maxmemory-policy allkeys-lru",
+        "noeviction",
+        "--redis-allow-eviction",
+    ] {
+        assert!(output.contains(needle), "{needle:?} not in:\n{output}");
+    }
+
+    let (status, output) = run_binary(&redis.url(), &["--redis-allow-eviction"]).await;
+    assert!(
+        status.is_none(),
+        "did not start with --redis-allow-eviction ({status:?}):\n{output}"
+    );
+    assert!(output.contains("may evict keys"), "no warning:\n{output}");
+
+    // The check reads the policy of the server it is pointed at: a noeviction Redis starts without the flag.
+    let safe = RedisServer::start().await;
+    let (status, output) = run_binary(&safe.url(), &[]).await;
+    assert!(
+        status.is_none(),
+        "did not start against a noeviction Redis:\n{output}"
+    );
+}
