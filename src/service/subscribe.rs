@@ -3,7 +3,8 @@
 //! Order on the wire: `Subscribed` (where each room stands), then per room a `Reset` or the replay of what
 //! the client missed, then live events and heartbeats. The stream ends by itself, with the last event id
 //! delivered per room in the status, when the client falls too far behind (`RESOURCE_EXHAUSTED`), when the
-//! token expires (`UNAUTHENTICATED`) or when the server shuts down (`UNAVAILABLE`).
+//! token expires (`UNAUTHENTICATED`), when the server shuts down or the bus cannot read the history being
+//! replayed (`UNAVAILABLE`). The replay is read a page at a time as the client takes it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
@@ -31,6 +32,9 @@ use crate::proto::v1::{
 use crate::rooms::Room;
 use crate::wire::SharedResponse;
 
+/// Attaching one room: the `since` it was given, and the bus's feed.
+type Attach<'a> = BoxFuture<'a, Result<(Option<&'a str>, RoomFeed), BusError>>;
+
 /// Rooms of one `Subscribe` attached at the same time.
 const SUBSCRIBE_CONCURRENCY: usize = 16;
 /// Queued items a stream takes in a row before it looks at its timer and shutdown token again.
@@ -54,7 +58,7 @@ impl EventApi {
 
         // Attach to every room before anything is sent, so nothing published from here on is missed; a
         // few rooms at a time, so that the bus can batch their subscriptions.
-        let attach: Vec<BoxFuture<'_, Result<(Option<&str>, RoomFeed), BusError>>> = rooms
+        let attach: Vec<Attach<'_>> = rooms
             .iter()
             .map(|room| {
                 let since = req

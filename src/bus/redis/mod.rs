@@ -6,8 +6,10 @@
 //!   idempotency key, atomically. It returns once Redis accepted it; a refused connection fails at once
 //!   with `Unavailable`, a silent Redis after `--redis-timeout-ms`.
 //! - **Subscribe**: the node holds one Redis subscription per room however many local streams share it
-//!   ([`subscriber`]); a stream attaches its sink first, then reads history, so nothing falls between the
-//!   replay and live delivery, and duplicates at the seam are dropped by id (`skip_through`).
+//!   ([`subscriber`]); a stream attaches its sink first, then reads where the room stands, so nothing falls
+//!   between the replay and live delivery, and duplicates at the seam are dropped by id (`skip_through`).
+//!   The replay up to that point is read in bounded pages as the stream sends it ([`RedisReplay`]).
+//! - **Eviction**: a node refuses an evicting Redis at start ([`eviction`]).
 //! - **Outages**: the subscriber reconnects with backoff, re-subscribes and fills each room's gap from its
 //!   stream (or sends `Reset`); [`health`] reports a real pub/sub round trip.
 //! - **Presence** is kept in Redis with per-node heartbeats ([`presence`]).
