@@ -311,3 +311,160 @@ async fn an_evicting_redis_is_refused_at_start_unless_allowed() {
         "did not start against a noeviction Redis:\n{output}"
     );
 }
+
+/// Publishes `per_room` events of about `bytes` to each of `rooms`, round robin; returns the ids per room.
+async fn fill_rooms(
+    publisher: &mut Client,
+    rooms: &[String],
+    per_room: usize,
+    bytes: usize,
+) -> Vec<Vec<String>> {
+    let mut published = vec![Vec::new(); rooms.len()];
+    for n in 0..per_room {
+        for (i, room) in rooms.iter().enumerate() {
+            published[i].push(publish_event(publisher, large_event(room, n, bytes)).await);
+        }
+    }
+    published
+}
+
+/// Redis stops answering in the middle of a replay (frozen longer than `--redis-timeout-ms`): the stream
+/// ends with UNAVAILABLE and a resume position that names the last event it sent of the room being
+/// replayed and the untouched `since` of the rooms not replayed yet; resuming from it once Redis is back
+/// delivers exactly the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_failing_mid_replay_ends_the_stream_with_an_exact_resume_position() {
+    const ROOMS: usize = 16;
+    let redis = RedisServer::start().await;
+    let node = TestServer::start_with(|c| use_redis(c, &redis.url())).await;
+    let mut publisher = node.client(&publisher_token()).await;
+    let rooms: Vec<String> = (0..ROOMS)
+        .map(|i| format!("tenant:t1:project:p{i}"))
+        .collect();
+    let published = fill_rooms(&mut publisher, &rooms, 20, 32 * 1024).await;
+    let since: Vec<(&str, &str)> = rooms
+        .iter()
+        .zip(&published)
+        .map(|(room, ids)| (room.as_str(), ids[0].as_str()))
+        .collect();
+    let expected: Vec<String> = published
+        .iter()
+        .flat_map(|ids| ids[1..].iter().cloned())
+        .collect();
+
+    let mut client = node.client(&admin_token()).await;
+    let room_refs: Vec<&str> = rooms.iter().map(String::as_str).collect();
+    let (mut stream, _) = subscribe(&mut client, &room_refs, &since)
+        .await
+        .expect("subscribe");
+    let first = next_event(&mut stream).await;
+    redis.freeze();
+    let (mut got, status) = drain_until_status(&mut stream).await;
+    redis.thaw();
+    got.insert(0, first);
+    let got: Vec<String> = got.into_iter().map(|e| e.id).collect();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("replaying history"), "{status:?}");
+    assert!(got.len() < expected.len(), "the whole replay arrived");
+    assert_eq!(got, expected[..got.len()], "gap or reorder before the cut");
+
+    // Every room's position is the last event it was sent, or its `since` when none was.
+    let resume = resume_since(&status);
+    for (i, room) in rooms.iter().enumerate() {
+        let sent = published[i][1..].iter().rev().find(|id| got.contains(id));
+        let want = sent.unwrap_or(&published[i][0]);
+        assert_eq!(resume.get(room), Some(want), "{room}: {resume:?}");
+    }
+
+    // Resume (retrying while the node reconnects): exactly the rest.
+    let resume_pairs: Vec<(&str, &str)> = resume
+        .iter()
+        .map(|(r, i)| (r.as_str(), i.as_str()))
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut resumed = loop {
+        match subscribe(&mut client, &room_refs, &resume_pairs).await {
+            Ok((stream, subscribed)) => {
+                assert!(
+                    subscribed.rooms.iter().all(|r| r.recovered),
+                    "{subscribed:?}"
+                );
+                break stream;
+            }
+            Err(status) if tokio::time::Instant::now() < deadline => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(status) => panic!("resume refused for 30 s: {status:?}"),
+        }
+    };
+    for want in &expected[got.len()..] {
+        assert_eq!(&next_event(&mut resumed).await.id, want, "gap or duplicate");
+    }
+}
+
+/// A room's history is trimmed past the replay while earlier rooms are still being replayed: the stream
+/// sends a `Reset` for it (never a silent gap), then its new events live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_trimmed_during_a_paged_replay_gives_a_reset_not_a_gap() {
+    const EARLY: usize = 16;
+    let redis = RedisServer::start().await;
+    let node = TestServer::start_with(|c| {
+        use_redis(c, &redis.url());
+        c.history_size = 30;
+    })
+    .await;
+    let mut publisher = node.client(&publisher_token()).await;
+    let early: Vec<String> = (0..EARLY)
+        .map(|i| format!("tenant:t1:project:p{i}"))
+        .collect();
+    let late = "tenant:t1:project:late".to_owned();
+    let published = fill_rooms(&mut publisher, &early, 25, 32 * 1024).await;
+    let late_ids = fill_rooms(&mut publisher, std::slice::from_ref(&late), 10, 100).await;
+    let mut since: Vec<(&str, &str)> = early
+        .iter()
+        .zip(&published)
+        .map(|(room, ids)| (room.as_str(), ids[0].as_str()))
+        .collect();
+    since.push((late.as_str(), late_ids[0][0].as_str()));
+    let mut rooms: Vec<&str> = early.iter().map(String::as_str).collect();
+    rooms.push(&late);
+
+    let mut client = node.client(&admin_token()).await;
+    let (mut stream, subscribed) = subscribe(&mut client, &rooms, &since)
+        .await
+        .expect("subscribe");
+    assert!(
+        subscribed.rooms.iter().all(|r| r.recovered),
+        "{subscribed:?}"
+    );
+    let first = next_event(&mut stream).await;
+    // While the early rooms are replayed, the late room's history moves past its `since`.
+    let mut live = Vec::new();
+    for n in 0..40 {
+        live.push(publish_event(&mut publisher, large_event(&late, 100 + n, 100)).await);
+    }
+    let mut got = vec![first.id];
+    let expected: Vec<String> = published
+        .iter()
+        .flat_map(|ids| ids[1..].iter().cloned())
+        .collect();
+    while got.len() < expected.len() {
+        got.push(next_event(&mut stream).await.id);
+    }
+    assert_eq!(got, expected, "the early rooms' replay");
+    match next_non_heartbeat(&mut stream).await {
+        Ok(Kind::Reset(reset)) => {
+            assert_eq!(reset.room, late);
+            assert!(reset.reason.contains("trimmed"), "{reset:?}");
+        }
+        other => panic!("expected a Reset for the late room, got {other:?}"),
+    }
+    for want in &live {
+        assert_eq!(
+            &next_event(&mut stream).await.id,
+            want,
+            "the late room's live events"
+        );
+    }
+}
