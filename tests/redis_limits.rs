@@ -468,3 +468,72 @@ async fn history_trimmed_during_a_paged_replay_gives_a_reset_not_a_gap() {
         );
     }
 }
+
+/// A managed Redis that refuses `CONFIG` (here: the command renamed away) is still checked, through
+/// `INFO memory`: an evicting one is refused, naming the setting.
+#[tokio::test]
+async fn the_policy_is_read_from_info_when_config_is_refused() {
+    let redis = RedisServer::start_with(&[
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--maxmemory-policy",
+        "volatile-lru",
+        "--rename-command",
+        "CONFIG",
+        "",
+    ])
+    .await;
+    let mut c = redis.conn().await;
+    let refused: redis::RedisResult<redis::Value> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(&mut c)
+        .await;
+    assert!(refused.is_err(), "CONFIG still works: {refused:?}");
+    let (status, output) = run_binary(&redis.url(), &[]).await;
+    assert!(status.is_some_and(|s| !s.success()), "{output}");
+    assert!(output.contains("maxmemory-policy volatile-lru"), "{output}");
+}
+
+/// In a cluster every master is checked: one evicting master is enough to refuse, and the message names
+/// it; `--redis-allow-eviction` lets the node start and serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_cluster_master_is_checked() {
+    let cluster = RedisCluster::start().await;
+    let evicting = &cluster.nodes[2];
+    let mut c = evicting.conn().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("allkeys-random")
+        .query_async(&mut c)
+        .await
+        .expect("CONFIG SET");
+    let mut refused = TestServer::start_with(|c| use_cluster(c, &cluster)).await;
+    let result = tokio::time::timeout(
+        Duration::from_secs(30),
+        refused.handle.take().expect("serve task"),
+    )
+    .await
+    .expect("serve returned within 30 s")
+    .expect("serve task");
+    let message = match result {
+        Ok(()) => panic!("started against a cluster with an evicting master"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        message.contains(&format!("{}", evicting.port))
+            && message.contains("maxmemory-policy allkeys-random"),
+        "{message}"
+    );
+
+    let node = TestServer::start_with(|c| {
+        use_cluster(c, &cluster);
+        c.redis.redis_allow_eviction = true;
+    })
+    .await;
+    let mut publisher = node.client(&publisher_token()).await;
+    publish_event(&mut publisher, task_event("tenant:t1:project:p1", "t")).await;
+}
