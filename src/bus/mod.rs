@@ -174,18 +174,6 @@ impl Replay {
     pub fn in_memory(&self) -> &[Arc<StoredEvent>] {
         &self.ready
     }
-
-    /// Reads the whole replay (for tests of a bus): the events, and the `Reset` reason if one came.
-    pub async fn collect(mut self) -> Result<(Vec<Arc<StoredEvent>>, Option<String>), BusError> {
-        let mut all = Vec::new();
-        loop {
-            match self.next_page().await? {
-                Page::Events(events) => all.extend(events),
-                Page::Reset(reason) => return Ok((all, Some(reason))),
-                Page::Done => return Ok((all, None)),
-            }
-        }
-    }
 }
 
 impl std::fmt::Debug for Replay {

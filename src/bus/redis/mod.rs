@@ -8,7 +8,7 @@
 //! - **Subscribe**: the node holds one Redis subscription per room however many local streams share it
 //!   ([`subscriber`]); a stream attaches its sink first, then reads where the room stands, so nothing falls
 //!   between the replay and live delivery, and duplicates at the seam are dropped by id (`skip_through`).
-//!   The replay up to that point is read in bounded pages as the stream sends it ([`RedisReplay`]).
+//!   The replay up to that point is read in bounded pages as the stream sends it (`RedisReplay`).
 //! - **Eviction**: a node refuses an evicting Redis at start ([`eviction`]).
 //! - **Outages**: the subscriber reconnects with backoff, re-subscribes and fills each room's gap from its
 //!   stream (or sends `Reset`); [`health`] reports a real pub/sub round trip.
