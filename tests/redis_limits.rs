@@ -228,8 +228,8 @@ async fn a_push_queue_overflow_catches_up_from_the_streams() {
     );
 }
 
-/// Starts the binary against `redis_url` with `extra` flags; returns (exit status if it exited within
-/// 20 s, output so far). A process still running after that (it started) is killed.
+/// Starts the binary against `redis_url` with `extra` flags; returns (exit status if it exited before
+/// it was listening or within 20 s, output so far). A process still running then is killed.
 async fn run_binary(redis_url: &str, extra: &[&str]) -> (Option<std::process::ExitStatus>, String) {
     let addr = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -253,14 +253,17 @@ async fn run_binary(redis_url: &str, extra: &[&str]) -> (Option<std::process::Ex
         .stderr(Stdio::from(file))
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+    // Started = it logged that it listens (a connect to the port could reach another test's server that
+    // got the same port after we released it).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break Some(status);
         }
-        if tokio::net::TcpStream::connect(addr).await.is_ok()
-            || tokio::time::Instant::now() > deadline
-        {
+        let listening = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("lamplight listening");
+        if listening || tokio::time::Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
             break None;
@@ -298,7 +301,7 @@ async fn an_evicting_redis_is_refused_at_start_unless_allowed() {
 
     let (status, output) = run_binary(&redis.url(), &["--redis-allow-eviction"]).await;
     assert!(
-        status.is_none(),
+        status.is_none() && output.contains("lamplight listening"),
         "did not start with --redis-allow-eviction ({status:?}):\n{output}"
     );
     assert!(output.contains("may evict keys"), "no warning:\n{output}");
@@ -307,7 +310,7 @@ async fn an_evicting_redis_is_refused_at_start_unless_allowed() {
     let safe = RedisServer::start().await;
     let (status, output) = run_binary(&safe.url(), &[]).await;
     assert!(
-        status.is_none(),
+        status.is_none() && output.contains("lamplight listening"),
         "did not start against a noeviction Redis:\n{output}"
     );
 }

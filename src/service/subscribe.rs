@@ -125,14 +125,23 @@ impl EventApi {
             let mut metrics = StreamGuard::open();
             let delivered = metrics::counter!(EVENTS_DELIVERED);
             yield Ok(subscribed);
-            // Per room a Reset or its replay, read a page at a time as the client takes it.
-            let mut replay_failed = None;
+            // Per room a Reset or its replay, read a page at a time as the client takes it. Between pages
+            // the stream stops for shutdown and token expiry as it does when live.
+            let mut replay_end = None;
             'rooms: for (room, reset, mut replay, last_event_id) in replays {
                 if let Some(reason) = reset {
                     yield Ok(SharedResponse::from_message(Kind::Reset(Reset { room, reason })));
                     continue;
                 }
                 loop {
+                    if shutdown.is_cancelled() {
+                        replay_end = Some(StreamEnd::ShuttingDown);
+                        break 'rooms;
+                    }
+                    if Instant::now() >= expires {
+                        replay_end = Some(StreamEnd::TokenExpired);
+                        break 'rooms;
+                    }
                     match replay.next_page().await {
                         Ok(Page::Events(events)) => {
                             for event in events {
@@ -148,17 +157,17 @@ impl EventApi {
                         }
                         Ok(Page::Done) => break,
                         Err(error) => {
-                            replay_failed = Some(error);
+                            tracing::warn!(room = %room, %error, "history replay failed: ending the stream");
+                            replay_end = Some(StreamEnd::BusUnavailable);
                             break 'rooms;
                         }
                     }
                 }
                 position.insert(room, last_event_id);
             }
-            if let Some(error) = replay_failed {
-                tracing::warn!(%error, "history replay failed: ending the stream");
-                metrics.ended(StreamEnd::BusUnavailable);
-                yield Err(Status::from(ServiceError::StreamEnded { reason: StreamEnd::BusUnavailable, since: position }));
+            if let Some(end) = replay_end {
+                metrics.ended(end);
+                yield Err(Status::from(ServiceError::StreamEnded { reason: end, since: position }));
                 return;
             }
             // One timer for the next heartbeat and the token's expiry, and this stream's own cancellation
