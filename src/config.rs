@@ -23,6 +23,11 @@ pub const DEFAULT_MAX_ROOMS_PER_SUBSCRIBE: usize = 64;
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 64 * 1024;
 /// Default number of undelivered events queued for one stream before it is ended.
 pub const DEFAULT_STREAM_QUEUE: usize = 1024;
+/// Default bytes of undelivered events (their encoded size) queued for one stream before it is ended.
+pub const DEFAULT_STREAM_QUEUE_BYTES: usize = 8 * 1024 * 1024;
+/// Default bytes of Redis messages queued between a node's pub/sub connection and its subscriber task
+/// (`--redis-push-queue-bytes`).
+pub const DEFAULT_REDIS_PUSH_QUEUE_BYTES: usize = 64 * 1024 * 1024;
 /// Default JWT clock leeway.
 pub const DEFAULT_JWT_LEEWAY_SECS: u64 = 30;
 /// Default shortest cache lifetime of a fetched JWKS (`--jwt-jwks-min-ttl-secs`).
@@ -194,6 +199,20 @@ pub struct RedisConfig {
     /// This node's id in presence entries (1-64 characters `[A-Za-z0-9_.-]`). Default: random per start.
     #[arg(long, env = "LAMPLIGHT_REDIS_NODE_ID", value_parser = parse_node_id)]
     pub redis_node_id: Option<String>,
+
+    /// Start even though Redis may evict keys (its `maxmemory-policy` is not `noeviction`). Without it
+    /// the server refuses to start against such a Redis: an evicted room's metadata makes the room replay
+    /// old events under a new epoch.
+    #[arg(long, env = "LAMPLIGHT_REDIS_ALLOW_EVICTION")]
+    pub redis_allow_eviction: bool,
+
+    /// Bytes of Redis pub/sub messages a node queues between its subscriber connection and the task that
+    /// fans them out. Past it messages are dropped and the node treats its subscription as lagging: it
+    /// re-reads every room's stream from the last event it delivered (stored events arrive in order, late;
+    /// typing and status events in that span are lost), or sends `Reset` if history no longer covers it.
+    #[arg(long, env = "LAMPLIGHT_REDIS_PUSH_QUEUE_BYTES", default_value_t = DEFAULT_REDIS_PUSH_QUEUE_BYTES,
+          value_parser = clap::value_parser!(u64).range(1024..=(1 << 34)).map(|v| v as usize))]
+    pub redis_push_queue_bytes: usize,
 }
 
 impl Default for RedisConfig {
@@ -204,6 +223,8 @@ impl Default for RedisConfig {
             redis_timeout_ms: DEFAULT_REDIS_TIMEOUT_MS,
             redis_presence_ttl_secs: DEFAULT_REDIS_PRESENCE_TTL_SECS,
             redis_node_id: None,
+            redis_allow_eviction: false,
+            redis_push_queue_bytes: DEFAULT_REDIS_PUSH_QUEUE_BYTES,
         }
     }
 }
@@ -266,6 +287,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=1_000_000).map(|v| v as usize))]
     pub stream_queue: usize,
 
+    /// Bytes (encoded size) of the events queued for one stream that it has not taken yet; the stream
+    /// ends as with `--stream-queue` when either is exceeded. One event is always accepted into an empty
+    /// queue, whatever its size.
+    #[arg(long, env = "LAMPLIGHT_STREAM_QUEUE_BYTES", default_value_t = DEFAULT_STREAM_QUEUE_BYTES,
+          value_parser = clap::value_parser!(u64).range(1024..=(1 << 34)).map(|v| v as usize))]
+    pub stream_queue_bytes: usize,
+
     /// `SetTyping` calls allowed per second per user (more -> RESOURCE_EXHAUSTED).
     #[arg(long, env = "LAMPLIGHT_TYPING_PER_SEC", default_value_t = DEFAULT_TYPING_PER_SEC,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -309,6 +337,7 @@ impl Config {
             max_rooms_per_subscribe: DEFAULT_MAX_ROOMS_PER_SUBSCRIBE,
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             stream_queue: DEFAULT_STREAM_QUEUE,
+            stream_queue_bytes: DEFAULT_STREAM_QUEUE_BYTES,
             typing_per_sec: DEFAULT_TYPING_PER_SEC,
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
             log_format: LogFormat::Pretty,

@@ -28,16 +28,20 @@ pub enum StreamEnd {
     TokenExpired,
     /// The server received SIGINT/SIGTERM.
     ShuttingDown,
+    /// The bus could not read the history being replayed (e.g. Redis went away mid-replay).
+    BusUnavailable,
 }
 
 impl fmt::Display for StreamEnd {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             StreamEnd::SlowConsumer => {
-                "stream fell behind by more than its queue (--stream-queue) and was ended"
+                "stream fell behind by more than its queue (--stream-queue, --stream-queue-bytes) and \
+                 was ended"
             }
             StreamEnd::TokenExpired => "token expired",
             StreamEnd::ShuttingDown => "server shutting down",
+            StreamEnd::BusUnavailable => "event bus unavailable while replaying history",
         })
     }
 }
@@ -93,7 +97,7 @@ impl From<ServiceError> for Status {
             }
             ServiceError::Bus(BusError::InvalidCursor { .. }) => Code::InvalidArgument,
             ServiceError::Bus(BusError::Unavailable(_)) => Code::Unavailable,
-            ServiceError::Bus(BusError::Internal(cause)) => {
+            ServiceError::Bus(BusError::Internal(cause) | BusError::Misconfigured(cause)) => {
                 tracing::error!(%cause, "bus failure");
                 return Status::internal("internal event bus error (logged on the server)");
             }
@@ -101,7 +105,7 @@ impl From<ServiceError> for Status {
             ServiceError::StreamEnded { reason, .. } => match reason {
                 StreamEnd::SlowConsumer => Code::ResourceExhausted,
                 StreamEnd::TokenExpired => Code::Unauthenticated,
-                StreamEnd::ShuttingDown => Code::Unavailable,
+                StreamEnd::ShuttingDown | StreamEnd::BusUnavailable => Code::Unavailable,
             },
         };
         let mut status = Status::new(code, err.to_string());

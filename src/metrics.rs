@@ -151,6 +151,7 @@ impl Drop for StreamGuard {
             }
             Some(StreamEnd::TokenExpired) => "token_expired",
             Some(StreamEnd::ShuttingDown) => "shutting_down",
+            Some(StreamEnd::BusUnavailable) => "bus_unavailable",
         };
         metrics::counter!(STREAMS_ENDED, "reason" => reason).increment(1);
     }

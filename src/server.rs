@@ -166,6 +166,8 @@ async fn build_bus(config: &Config) -> Result<Arc<dyn Bus>, ServeError> {
         node_id: config.redis.redis_node_id.clone(),
         history_size: config.history_size,
         history_ttl,
+        allow_eviction: config.redis.redis_allow_eviction,
+        push_queue_bytes: config.redis.redis_push_queue_bytes,
     })
     .await?;
     Ok(Arc::new(bus))

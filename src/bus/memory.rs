@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use async_trait::async_trait;
 
 use super::{
-    is_ephemeral, Bus, BusError, Position, Recovery, RoomFeed, RoomItem, Sink, StoredEvent,
+    is_ephemeral, Bus, BusError, Position, Recovery, Replay, RoomFeed, RoomItem, Sink, StoredEvent,
 };
 use crate::metrics::ROOMS_LOCAL;
 use crate::presence::{status_event, Member, PresenceSnapshot, PresenceTable, Transition};
@@ -298,7 +298,7 @@ impl Bus for MemoryBus {
         Ok(RoomFeed {
             last_event_id,
             recovery,
-            replay,
+            replay: Replay::ready(replay),
             skip_through: None,
             lease: Box::new(MemoryLease {
                 room: slot.clone(),
@@ -401,14 +401,14 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(feed.recovery, Recovery::Recovered);
-        assert_eq!(ids(&feed.replay), published[3..].to_vec());
+        assert_eq!(ids(feed.replay.in_memory()), published[3..].to_vec());
         assert_eq!(feed.last_event_id, published[4]);
         // Only the last 3 are kept: events 2..5 are there, so since=#2 works and since=#1 does not.
         let feed = bus
             .subscribe("tenant:t1", Some(&published[1]), &s)
             .await
             .unwrap();
-        assert_eq!(ids(&feed.replay), published[2..].to_vec());
+        assert_eq!(ids(feed.replay.in_memory()), published[2..].to_vec());
         let feed = bus
             .subscribe("tenant:t1", Some(&published[0]), &s)
             .await
@@ -433,7 +433,7 @@ mod tests {
         bus.publish(typing, None).await.unwrap();
         assert!(matches!(rx.recv().await, Some(RoomItem::Event(_))));
         let replay = bus.subscribe("r", Some(&first), &s).await.unwrap().replay;
-        assert!(replay.is_empty());
+        assert!(replay.in_memory().is_empty());
         drop(feed);
     }
 

@@ -6,9 +6,11 @@
 //!
 //! Contract every implementation keeps:
 //! - ids are strictly increasing within a room, and subscribers see a room's events in id order;
-//! - [`Bus::subscribe`] attaches a stream's [`Sink`] and reads the replay in one step, so between the
-//!   replayed events and the live ones there is no gap, and no duplicate once [`RoomFeed::skip_through`]
-//!   is applied;
+//! - [`Bus::subscribe`] attaches a stream's [`Sink`] before the replay is read, so between the replayed
+//!   events and the live ones there is no gap, and no duplicate once live items at or before
+//!   [`RoomFeed::skip_through`] are dropped;
+//! - the replay is read in pages of bounded size as the stream sends it ([`Replay`]), so a resume across
+//!   many rooms of large events is never held in memory at once;
 //! - recovery is exact or not claimed: when history cannot cover `since`, the feed says [`Recovery::Reset`];
 //! - a publish returns only once the event is accepted, and never waits for a subscriber.
 
@@ -20,7 +22,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-pub use sink::{sink, Sink, SinkReceiver};
+pub use sink::{sink, sink_with_bytes, Sink, SinkReceiver};
 
 use crate::presence::{Member, PresenceSnapshot};
 use crate::proto::v1::{event::Payload, Event};
@@ -96,12 +98,91 @@ pub struct RoomFeed {
     pub last_event_id: String,
     /// Whether `since` was honoured.
     pub recovery: Recovery,
-    /// Events after `since`, oldest first (empty without `since` or on reset).
-    pub replay: Vec<Arc<StoredEvent>>,
-    /// Live items at or before this position were already replayed: drop them.
+    /// Events after `since`, oldest first, read page by page (empty without `since` or on reset).
+    pub replay: Replay,
+    /// Live items at or before this position were (or will be) replayed: drop them.
     pub skip_through: Option<Position>,
     /// Attachment of the sink to the room.
     pub lease: Lease,
+}
+
+/// Maximum events in one page of a replay read from a shared store.
+pub const REPLAY_PAGE_EVENTS: usize = 256;
+/// Bytes (stored events' encoded size) after which a replay page ends; a page holds at least one event.
+pub const REPLAY_PAGE_BYTES: usize = 1024 * 1024;
+
+/// One step of a [`Replay`].
+#[derive(Debug)]
+pub enum Page {
+    /// The next events, oldest first (never empty).
+    Events(Vec<Arc<StoredEvent>>),
+    /// History stopped covering the replay while it was being read (trimmed or lost meanwhile): the
+    /// stream must send a `Reset` for the room; the replay is over.
+    Reset(String),
+    /// The replay is complete.
+    Done,
+}
+
+/// Reads the next page of a replay from the bus's store.
+#[async_trait]
+pub trait ReplayPages: Send {
+    /// The next page. After [`Page::Reset`] or [`Page::Done`] it is not called again.
+    async fn next_page(&mut self) -> Result<Page, BusError>;
+}
+
+/// What a stream replays for one room: events the bus already holds (the memory bus: shared `Arc`s of
+/// its history) or pages read on demand (Redis), so only one page per stream is held at a time.
+pub struct Replay {
+    ready: Vec<Arc<StoredEvent>>,
+    pages: Option<Box<dyn ReplayPages>>,
+}
+
+impl Replay {
+    /// Nothing to replay.
+    pub fn none() -> Self {
+        Self::ready(Vec::new())
+    }
+
+    /// A replay of events already in memory: one page.
+    pub fn ready(events: Vec<Arc<StoredEvent>>) -> Self {
+        Self {
+            ready: events,
+            pages: None,
+        }
+    }
+
+    /// A replay read page by page.
+    pub fn paged(pages: Box<dyn ReplayPages>) -> Self {
+        Self {
+            ready: Vec::new(),
+            pages: Some(pages),
+        }
+    }
+
+    /// The next page.
+    pub async fn next_page(&mut self) -> Result<Page, BusError> {
+        if !self.ready.is_empty() {
+            return Ok(Page::Events(std::mem::take(&mut self.ready)));
+        }
+        match &mut self.pages {
+            Some(pages) => pages.next_page().await,
+            None => Ok(Page::Done),
+        }
+    }
+
+    /// The events held in memory, not read yet (all of a [`Replay::ready`]).
+    pub fn in_memory(&self) -> &[Arc<StoredEvent>] {
+        &self.ready
+    }
+}
+
+impl std::fmt::Debug for Replay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replay")
+            .field("ready", &self.ready.len())
+            .field("paged", &self.pages.is_some())
+            .finish()
+    }
 }
 
 /// Failures of a bus operation.
@@ -120,6 +201,9 @@ pub enum BusError {
     /// The bus cannot accept or serve right now (e.g. Redis is down). Retry, possibly on another node.
     #[error("event bus unavailable: {0}")]
     Unavailable(String),
+    /// Redis is set up in a way the bus cannot work with safely (found at start-up): what to change.
+    #[error("{0}")]
+    Misconfigured(String),
     /// A bus-internal failure.
     #[error("event bus error: {0}")]
     Internal(String),

@@ -1,9 +1,11 @@
 //! A stream's bounded inbox, fed by the bus.
 //!
 //! Each `Subscribe` stream owns one [`SinkReceiver`]; the bus holds a [`Sink`] per room the stream joined.
-//! Offering never waits: when the inbox is full the sink is marked *overflowed*, later offers are refused,
-//! and the stream ends with `RESOURCE_EXHAUSTED` once it notices. That bounds memory per stream and keeps
-//! a slow client from slowing the publisher or anyone else.
+//! Offering never waits: when the inbox is full (in items, or in bytes: the events' encoded size) the sink
+//! is marked *overflowed*, later offers are refused, and the stream ends with `RESOURCE_EXHAUSTED` once it
+//! notices. That bounds memory per stream and keeps a slow client from slowing the publisher or anyone
+//! else. One item is always accepted into an empty inbox, whatever its size, so an event of the largest
+//! size allowed never ends a stream by itself.
 //!
 //! Fan-out is the hot path, so the inbox is a plain queue under a lock that is rarely contended (the bus
 //! offers, the stream takes): an offer to an inbox that already holds items does not wake the stream again,
@@ -33,12 +35,25 @@ struct Shared {
     /// Live [`Sink`] handles.
     senders: AtomicUsize,
     capacity: usize,
+    /// Most bytes queued (see [`item_bytes`]).
+    max_bytes: usize,
 }
 
 #[derive(Debug, Default)]
 struct Queue {
     items: VecDeque<RoomItem>,
+    /// Sum of [`item_bytes`] over `items`.
+    bytes: usize,
     receiver_gone: bool,
+}
+
+/// What an item weighs against the inbox's byte bound: an event's encoded response (shared with the
+/// other streams, but kept alive by this queue), a fixed estimate for a `Reset`.
+fn item_bytes(item: &RoomItem) -> usize {
+    match item {
+        RoomItem::Event(event) => event.frame.as_slice().len(),
+        RoomItem::Reset { room, reason } => 64 + room.len() + reason.len(),
+    }
 }
 
 impl Shared {
@@ -64,12 +79,18 @@ pub struct SinkReceiver {
 
 /// A new inbox holding at most `capacity` items.
 pub fn sink(capacity: usize) -> (Sink, SinkReceiver) {
+    sink_with_bytes(capacity, usize::MAX)
+}
+
+/// A new inbox holding at most `capacity` items and `max_bytes` bytes (one item always fits).
+pub fn sink_with_bytes(capacity: usize, max_bytes: usize) -> (Sink, SinkReceiver) {
     let shared = Arc::new(Shared {
         queue: Mutex::new(Queue::default()),
         waker: AtomicWaker::new(),
         overflowed: AtomicBool::new(false),
         senders: AtomicUsize::new(1),
         capacity: capacity.max(1),
+        max_bytes,
     });
     (
         Sink {
@@ -96,7 +117,11 @@ impl Sink {
             metrics::counter!(EVENTS_DROPPED, "reason" => "stream_closed").increment(1);
             return false;
         }
-        if queue.items.len() >= shared.capacity {
+        let size = item_bytes(&item);
+        let too_many = queue.items.len() >= shared.capacity;
+        let too_big =
+            !queue.items.is_empty() && queue.bytes.saturating_add(size) > shared.max_bytes;
+        if too_many || too_big {
             shared.overflowed.store(true, Ordering::Relaxed);
             drop(queue);
             metrics::counter!(EVENTS_DROPPED, "reason" => "slow_consumer").increment(1);
@@ -104,6 +129,7 @@ impl Sink {
             return false;
         }
         queue.items.push_back(item);
+        queue.bytes += size;
         // Only the first item needs a wake-up: the stream takes everything queued when it runs.
         let first = queue.items.len() == 1;
         drop(queue);
@@ -187,6 +213,7 @@ impl SinkReceiver {
             return false;
         }
         std::mem::swap(&mut queue.items, &mut self.batch);
+        queue.bytes = 0;
         true
     }
 }
@@ -197,6 +224,7 @@ impl Drop for SinkReceiver {
         queue.receiver_gone = true;
         // Release the queued events now rather than when the last room lets go of the sink.
         queue.items = VecDeque::new();
+        queue.bytes = 0;
     }
 }
 
@@ -228,6 +256,21 @@ mod tests {
         assert!(rx.overflowed());
         assert!(rx.recv().await.is_none());
         assert!(rx.try_recv().is_none());
+    }
+
+    #[tokio::test]
+    async fn the_byte_bound_overflows_but_an_empty_inbox_takes_any_item() {
+        let (tx, mut rx) = sink_with_bytes(100, 150);
+        let item = || RoomItem::Reset {
+            room: "r".into(),
+            reason: "x".repeat(100).into(),
+        };
+        assert!(tx.offer(item()), "165 bytes into an empty inbox");
+        assert!(rx.recv().await.is_some());
+        assert!(tx.offer(item()), "empty again once taken");
+        assert!(!tx.offer(item()), "a second one exceeds 150 bytes");
+        assert!(rx.overflowed());
+        assert!(rx.recv().await.is_none());
     }
 
     #[tokio::test]

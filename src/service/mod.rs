@@ -41,6 +41,8 @@ pub struct Limits {
     pub max_event_bytes: usize,
     /// Per-stream queue, in events.
     pub stream_queue: usize,
+    /// Per-stream queue, in bytes of encoded events.
+    pub stream_queue_bytes: usize,
     /// Heartbeat interval.
     pub heartbeat: Duration,
 }
@@ -52,6 +54,7 @@ impl Limits {
             max_rooms_per_subscribe: config.max_rooms_per_subscribe,
             max_event_bytes: config.max_event_bytes,
             stream_queue: config.stream_queue,
+            stream_queue_bytes: config.stream_queue_bytes,
             heartbeat: config.heartbeat(),
         }
     }

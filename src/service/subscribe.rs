@@ -3,7 +3,8 @@
 //! Order on the wire: `Subscribed` (where each room stands), then per room a `Reset` or the replay of what
 //! the client missed, then live events and heartbeats. The stream ends by itself, with the last event id
 //! delivered per room in the status, when the client falls too far behind (`RESOURCE_EXHAUSTED`), when the
-//! token expires (`UNAUTHENTICATED`) or when the server shuts down (`UNAVAILABLE`).
+//! token expires (`UNAUTHENTICATED`), when the server shuts down or the bus cannot read the history being
+//! replayed (`UNAVAILABLE`). The replay is read a page at a time as the client takes it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
@@ -11,13 +12,17 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use futures::Stream;
+use futures::future::BoxFuture;
+use futures::{FutureExt as _, Stream, StreamExt as _, TryStreamExt as _};
 use tokio::time::Instant;
 use tonic::Status;
 
 use super::EventApi;
 use crate::auth::Principal;
-use crate::bus::{sink, Bus, Lease, Position, Recovery, RoomItem, StoredEvent};
+use crate::bus::{
+    sink_with_bytes, Bus, BusError, Lease, Page, Position, Recovery, RoomFeed, RoomItem,
+    StoredEvent,
+};
 use crate::error::{ServiceError, StreamEnd};
 use crate::metrics::{StreamGuard, EVENTS_DELIVERED};
 use crate::policy;
@@ -27,6 +32,11 @@ use crate::proto::v1::{
 };
 use crate::wire::SharedResponse;
 
+/// Attaching one room: the `since` it was given, and the bus's feed.
+type Attach<'a> = BoxFuture<'a, Result<(Option<&'a str>, RoomFeed), BusError>>;
+
+/// Rooms of one `Subscribe` attached at the same time.
+const SUBSCRIBE_CONCURRENCY: usize = 16;
 /// Queued items a stream takes in a row before it looks at its timer and shutdown token again.
 const FAST_PATH_BURST: usize = 64;
 
@@ -43,35 +53,49 @@ impl EventApi {
     ) -> Result<SubscribeStream, ServiceError> {
         let rooms = self.validate(&principal, &req)?;
         let inner = self.inner.clone();
-        let (sink, mut inbox) = sink(inner.limits.stream_queue);
+        let (sink, mut inbox) =
+            sink_with_bytes(inner.limits.stream_queue, inner.limits.stream_queue_bytes);
 
-        // Attach to every room before anything is sent, so nothing published from here on is missed.
+        // Attach to every room before anything is sent, so nothing published from here on is missed; a
+        // few rooms at a time, so that the bus can batch their subscriptions.
+        let attach: Vec<Attach<'_>> = rooms
+            .iter()
+            .map(|room| {
+                let since = req
+                    .since
+                    .get(&room.name)
+                    .map(String::as_str)
+                    .filter(|id| !id.is_empty());
+                let (bus, sink) = (&inner.bus, &sink);
+                async move {
+                    bus.subscribe(&room.canonical, since, sink)
+                        .await
+                        .map(|feed| (since, feed))
+                }
+                .boxed()
+            })
+            .collect();
+        let feeds: Vec<_> = futures::stream::iter(attach)
+            .buffered(SUBSCRIBE_CONCURRENCY)
+            .try_collect()
+            .await?;
         let mut first = Vec::with_capacity(rooms.len());
-        let mut pending = Vec::new();
+        let mut replays = Vec::with_capacity(rooms.len());
         let mut leases: Vec<Lease> = Vec::with_capacity(rooms.len());
         let mut position: BTreeMap<String, String> = BTreeMap::new();
         let mut skip: HashMap<Arc<str>, Position> = HashMap::new();
         let mut aliases = Aliases::default();
-        for room in &rooms {
+        for (room, (since, feed)) in rooms.iter().zip(feeds) {
             if room.name != room.canonical {
                 aliases
                     .0
                     .insert(room.canonical.as_str().into(), room.name.clone());
             }
-            let since = req
-                .since
-                .get(&room.name)
-                .map(String::as_str)
-                .filter(|id| !id.is_empty());
-            let feed = inner.bus.subscribe(&room.canonical, since, &sink).await?;
             let recovered = feed.recovery == Recovery::Recovered;
-            if let Recovery::Reset(reason) = &feed.recovery {
-                pending.push(SharedResponse::from_message(Kind::Reset(Reset {
-                    room: room.name.clone(),
-                    reason: reason.clone(),
-                })));
-            }
-            pending.extend(feed.replay.into_iter().map(|e| aliases.frame(e)));
+            let reset = match feed.recovery {
+                Recovery::Reset(reason) => Some(reason),
+                _ => None,
+            };
             if let Some(through) = feed.skip_through {
                 skip.insert(room.canonical.as_str().into(), through);
             }
@@ -80,7 +104,10 @@ impl EventApi {
                 last_event_id: feed.last_event_id.clone(),
                 recovered,
             });
-            position.insert(room.name.clone(), feed.last_event_id);
+            // Until its replay is sent, a room stands where the client said.
+            let start = since.filter(|_| recovered).unwrap_or(&feed.last_event_id);
+            position.insert(room.name.clone(), start.to_owned());
+            replays.push((room.name.clone(), reset, feed.replay, feed.last_event_id));
             leases.push(feed.lease);
         }
         let canonical: Vec<String> = rooms.into_iter().map(|r| r.canonical).collect();
@@ -105,8 +132,50 @@ impl EventApi {
             let mut metrics = StreamGuard::open();
             let delivered = metrics::counter!(EVENTS_DELIVERED);
             yield Ok(subscribed);
-            for frame in pending {
-                yield Ok(frame);
+            // Per room a Reset or its replay, read a page at a time as the client takes it. Between pages
+            // the stream stops for shutdown and token expiry as it does when live.
+            let mut replay_end = None;
+            'rooms: for (room, reset, mut replay, last_event_id) in replays {
+                if let Some(reason) = reset {
+                    yield Ok(SharedResponse::from_message(Kind::Reset(Reset { room, reason })));
+                    continue;
+                }
+                loop {
+                    if shutdown.is_cancelled() {
+                        replay_end = Some(StreamEnd::ShuttingDown);
+                        break 'rooms;
+                    }
+                    if Instant::now() >= expires {
+                        replay_end = Some(StreamEnd::TokenExpired);
+                        break 'rooms;
+                    }
+                    match replay.next_page().await {
+                        Ok(Page::Events(events)) => {
+                            for event in events {
+                                if let Some(last) = position.get_mut(&room) {
+                                    last.clone_from(&event.id);
+                                }
+                                yield Ok(aliases.frame(event));
+                            }
+                        }
+                        Ok(Page::Reset(reason)) => {
+                            yield Ok(SharedResponse::from_message(Kind::Reset(Reset { room: room.clone(), reason })));
+                            break;
+                        }
+                        Ok(Page::Done) => break,
+                        Err(error) => {
+                            tracing::warn!(room = %room, %error, "history replay failed: ending the stream");
+                            replay_end = Some(StreamEnd::BusUnavailable);
+                            break 'rooms;
+                        }
+                    }
+                }
+                position.insert(room, last_event_id);
+            }
+            if let Some(end) = replay_end {
+                metrics.ended(end);
+                yield Err(Status::from(ServiceError::StreamEnded { reason: end, since: position }));
+                return;
             }
             // One timer for the next heartbeat and the token's expiry, and this stream's own cancellation
             // token (a child of the server's), so that waiting costs no lock other streams share.

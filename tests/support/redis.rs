@@ -83,7 +83,8 @@ impl RedisServer {
         .await
     }
 
-    async fn start_with(args: &[&str]) -> Self {
+    /// A server started with extra `redis-server` arguments.
+    pub async fn start_with(args: &[&str]) -> Self {
         check_installed("redis-server");
         let mut server = Self {
             port: free_port(),

@@ -6,7 +6,7 @@
 //! task. Standalone uses redis-rs's `ConnectionManager` (it reconnects in the background); cluster uses
 //! its `ClusterConnection` with `SSUBSCRIBE`, so a room's messages stay on the room's shard.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -205,6 +205,44 @@ impl Conn {
         Ok(())
     }
 
+    /// Sends `cmd` to the one server, or to every master of a cluster. Returns each server's address
+    /// (`redis` for a standalone server) with its answer or the error it returned; fails only when the
+    /// command could not be sent at all.
+    pub(crate) async fn on_every_master(
+        &mut self,
+        cmd: Cmd,
+    ) -> Result<Vec<(String, Result<Value, String>)>, RedisError> {
+        match self {
+            Conn::Standalone(c) => {
+                let answer = match cmd.query_async::<Value>(c).await {
+                    Ok(Value::ServerError(e)) => Err(format!("{e:?}")),
+                    Ok(v) => Ok(v),
+                    Err(e) if e.code().is_some() => Err(e.to_string()),
+                    Err(e) => return Err(e),
+                };
+                Ok(vec![("redis".to_owned(), answer)])
+            }
+            Conn::Cluster(c) => {
+                use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+                let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+                let Value::Map(answers) = c.route_command(cmd, routing).await? else {
+                    return Ok(Vec::new());
+                };
+                Ok(answers
+                    .into_iter()
+                    .map(|(node, answer)| {
+                        let node = redis::from_redis_value::<String>(node).unwrap_or_default();
+                        let answer = match answer {
+                            Value::ServerError(e) => Err(format!("{e:?}")),
+                            v => Ok(v),
+                        };
+                        (node, answer)
+                    })
+                    .collect())
+            }
+        }
+    }
+
     /// Unsubscribes from one channel.
     pub(crate) async fn unsubscribe(&mut self, channel: &str) -> Result<(), RedisError> {
         match self {
@@ -249,25 +287,51 @@ pub(crate) fn classify(what: &str, e: &RedisError) -> BusError {
     }
 }
 
-/// Where the subscriber connection delivers pushes: a bounded queue that never blocks the connection.
-/// When it is full the push is dropped and [`PushQueue::overflowed`] is set; the subscriber task then
-/// treats it like a disconnection and reads what it missed from the streams.
+/// Where the subscriber connection delivers pushes: a queue bounded in pushes and in bytes that never
+/// blocks the connection. When a push does not fit it is dropped and [`PushQueue::take_overflow`] turns
+/// true; the subscriber task then treats its subscription as lagging, like a disconnection, and reads
+/// what it missed from the rooms' streams. A push larger than the whole byte bound never fits: its event
+/// always arrives that slower way.
 #[derive(Clone)]
 pub(crate) struct PushQueue {
     tx: mpsc::Sender<PushInfo>,
     overflowed: Arc<AtomicBool>,
+    /// Bytes of the pushes queued (see [`push_bytes`]).
+    bytes: Arc<AtomicUsize>,
+    max_bytes: usize,
+}
+
+/// The receiving end of a [`PushQueue`].
+pub(crate) struct PushReceiver {
+    rx: mpsc::Receiver<PushInfo>,
+    bytes: Arc<AtomicUsize>,
+}
+
+/// What a push weighs against the byte bound: the bytes of its strings (channel and message).
+fn push_bytes(info: &PushInfo) -> usize {
+    info.data
+        .iter()
+        .map(|v| match v {
+            Value::BulkString(b) => b.len(),
+            _ => 16,
+        })
+        .sum::<usize>()
+        + 64
 }
 
 impl PushQueue {
-    /// A queue of `capacity` pushes and its receiving end.
-    pub(crate) fn new(capacity: usize) -> (Self, mpsc::Receiver<PushInfo>) {
+    /// A queue of at most `capacity` pushes and `max_bytes` bytes, and its receiving end.
+    pub(crate) fn new(capacity: usize, max_bytes: usize) -> (Self, PushReceiver) {
         let (tx, rx) = mpsc::channel(capacity);
+        let bytes = Arc::new(AtomicUsize::new(0));
         (
             Self {
                 tx,
                 overflowed: Arc::new(AtomicBool::new(false)),
+                bytes: bytes.clone(),
+                max_bytes,
             },
-            rx,
+            PushReceiver { rx, bytes },
         )
     }
 
@@ -277,15 +341,34 @@ impl PushQueue {
     }
 }
 
+impl PushReceiver {
+    /// The next push; `None` once the connection dropped its sender.
+    pub(crate) async fn recv(&mut self) -> Option<PushInfo> {
+        let push = self.rx.recv().await?;
+        self.bytes.fetch_sub(push_bytes(&push), Ordering::AcqRel);
+        Some(push)
+    }
+}
+
 impl redis::aio::AsyncPushSender for PushQueue {
     fn send(&self, info: PushInfo) -> Result<(), redis::aio::SendError> {
+        let size = push_bytes(&info);
+        if self.bytes.fetch_add(size, Ordering::AcqRel) + size > self.max_bytes {
+            self.bytes.fetch_sub(size, Ordering::AcqRel);
+            self.overflowed.store(true, Ordering::Release);
+            return Ok(());
+        }
         match self.tx.try_send(info) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
+                self.bytes.fetch_sub(size, Ordering::AcqRel);
                 self.overflowed.store(true, Ordering::Release);
                 Ok(())
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(redis::aio::SendError),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.bytes.fetch_sub(size, Ordering::AcqRel);
+                Err(redis::aio::SendError)
+            }
         }
     }
 }
@@ -293,6 +376,32 @@ impl redis::aio::AsyncPushSender for PushQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn message(bytes: usize) -> PushInfo {
+        PushInfo {
+            kind: redis::PushKind::Message,
+            data: vec![
+                Value::BulkString(b"ch".to_vec()),
+                Value::BulkString(vec![b'x'; bytes]),
+            ],
+        }
+    }
+
+    #[tokio::test]
+    async fn the_push_queue_overflows_at_its_byte_bound_and_frees_what_is_taken() {
+        use redis::aio::AsyncPushSender as _;
+        let (queue, mut rx) = PushQueue::new(1000, 10_000);
+        assert!(queue.send(message(4000)).is_ok());
+        assert!(queue.send(message(4000)).is_ok());
+        assert!(!queue.take_overflow(), "8 KiB of 10 fit");
+        assert!(queue.send(message(4000)).is_ok());
+        assert!(queue.take_overflow(), "a third 4 KiB push does not fit");
+        assert!(rx.recv().await.is_some());
+        assert!(queue.send(message(4000)).is_ok());
+        assert!(!queue.take_overflow(), "taking one made room");
+        assert!(queue.send(message(20_000)).is_ok());
+        assert!(queue.take_overflow(), "larger than the whole bound");
+    }
 
     #[test]
     fn parses_standalone_and_cluster_targets() {

@@ -6,14 +6,17 @@
 //!   idempotency key, atomically. It returns once Redis accepted it; a refused connection fails at once
 //!   with `Unavailable`, a silent Redis after `--redis-timeout-ms`.
 //! - **Subscribe**: the node holds one Redis subscription per room however many local streams share it
-//!   ([`subscriber`]); a stream attaches its sink first, then reads history, so nothing falls between the
-//!   replay and live delivery, and duplicates at the seam are dropped by id (`skip_through`).
+//!   ([`subscriber`]); a stream attaches its sink first, then reads where the room stands, so nothing falls
+//!   between the replay and live delivery, and duplicates at the seam are dropped by id (`skip_through`).
+//!   The replay up to that point is read in bounded pages as the stream sends it (`RedisReplay`).
+//! - **Eviction**: a node refuses an evicting Redis at start ([`eviction`]).
 //! - **Outages**: the subscriber reconnects with backoff, re-subscribes and fills each room's gap from its
 //!   stream (or sends `Reset`); [`health`] reports a real pub/sub round trip.
 //! - **Presence** is kept in Redis with per-node heartbeats ([`presence`]).
 //! - **Cluster**: sharded pub/sub and hash-tagged keys ([`keys`]), so a room lives on one shard.
 
 mod conn;
+mod eviction;
 mod health;
 mod ids;
 mod keys;
@@ -35,12 +38,15 @@ pub use conn::Target;
 pub use health::PROBE_EVERY;
 
 use self::conn::{bounded, Conn};
-use self::ids::{random_token, EventId};
+use self::ids::{random_token, EventId, StreamId};
 use self::presence::Presence;
 use self::rooms::RoomTable;
 use self::scripts::RoomSettings;
 use self::subscriber::{Subscriber, SubscriberParts};
-use super::{is_ephemeral, Bus, BusError, Position, Recovery, RoomFeed, Sink, StoredEvent};
+use super::{
+    is_ephemeral, Bus, BusError, Page, Position, Recovery, Replay, ReplayPages, RoomFeed, Sink,
+    StoredEvent, REPLAY_PAGE_BYTES, REPLAY_PAGE_EVENTS,
+};
 use crate::bus::memory::IDEMPOTENCY_TTL;
 use crate::presence::{Member, PresenceSnapshot};
 use crate::proto::v1::Event;
@@ -61,6 +67,10 @@ pub struct RedisOptions {
     pub history_size: usize,
     /// A room's history expires after this long without events.
     pub history_ttl: Duration,
+    /// Start even if Redis may evict keys (see [`eviction`]).
+    pub allow_eviction: bool,
+    /// Bound on the pub/sub messages queued for the subscriber task, in bytes.
+    pub push_queue_bytes: usize,
 }
 
 /// [`Bus`] over Redis. See the module docs.
@@ -91,6 +101,7 @@ impl RedisBus {
         };
         let timeout = options.timeout;
         let cmd = bounded(timeout, "connect", Conn::commands(&options.target, timeout)).await?;
+        eviction::check(&cmd, timeout, options.allow_eviction).await?;
         let cancel = CancellationToken::new();
         let (table, commands) = RoomTable::new();
         let (seen_tx, seen_rx) = watch::channel(0u64);
@@ -104,6 +115,7 @@ impl RedisBus {
             settings,
             health_channel: health_channel.clone(),
             probe_seen: seen_tx,
+            push_queue_bytes: options.push_queue_bytes,
             cancel: cancel.clone(),
         })
         .await?;
@@ -240,12 +252,13 @@ impl Bus for RedisBus {
                 }
             }
         }
+        // Where the room stands (no entries yet): everything up to `read.last` is replayed from the
+        // stream, page by page as the stream sends it; everything after reaches the sink attached above.
         let mut conn = self.cmd.clone();
-        let after = cursor.as_ref().map(|c| c.stream);
         let read = bounded(
             self.timeout,
             "history read",
-            scripts::read(&mut conn, room, after, self.settings),
+            scripts::read(&mut conn, room, None, self.settings),
         )
         .await?;
         let room_name: Arc<str> = room.into();
@@ -253,20 +266,19 @@ impl Bus for RedisBus {
             None => Recovery::Fresh,
             Some(c) => recovery(c, &read, self.settings.history_size),
         };
-        let replay = if recovery == Recovery::Recovered {
-            read.entries
-                .iter()
-                .map(|(id, payload)| {
-                    Arc::new(stored_event(
-                        room_name.clone(),
-                        format!("{}:{id}", read.epoch),
-                        id.position(false),
-                        payload,
-                    ))
-                })
-                .collect()
-        } else {
-            Vec::new()
+        let replay = match &cursor {
+            Some(c) if recovery == Recovery::Recovered && c.stream < read.last => {
+                Replay::paged(Box::new(RedisReplay {
+                    conn,
+                    timeout: self.timeout,
+                    settings: self.settings,
+                    room: room_name,
+                    epoch: read.epoch.clone(),
+                    after: c.stream,
+                    through: read.last,
+                }))
+            }
+            _ => Replay::none(),
         };
         Ok(RoomFeed {
             // Always a valid `since`, even for a room without events ("{epoch}:0-0"): resuming from it
@@ -297,6 +309,78 @@ impl Bus for RedisBus {
 
     fn health(&self) -> Option<watch::Receiver<bool>> {
         Some(self.healthy.clone())
+    }
+}
+
+/// A room's replay after `since`, read from its stream a page at a time (at most
+/// [`REPLAY_PAGE_EVENTS`], about [`REPLAY_PAGE_BYTES`]) when the stream is ready to send it.
+struct RedisReplay {
+    conn: Conn,
+    timeout: Duration,
+    settings: RoomSettings,
+    room: Arc<str>,
+    /// The epoch the replay started in: a page of another one means the room's history was lost.
+    epoch: String,
+    /// Last entry replayed (or `since`).
+    after: StreamId,
+    /// The room's last entry when the stream attached: later ones arrive live.
+    through: StreamId,
+}
+
+#[async_trait]
+impl ReplayPages for RedisReplay {
+    async fn next_page(&mut self) -> Result<Page, BusError> {
+        if self.after >= self.through {
+            return Ok(Page::Done);
+        }
+        let bounds = scripts::Bounds {
+            events: REPLAY_PAGE_EVENTS,
+            bytes: Some(REPLAY_PAGE_BYTES),
+            upto: Some(self.through),
+        };
+        let read = bounded(
+            self.timeout,
+            "history read",
+            scripts::read_page(
+                &mut self.conn,
+                &self.room,
+                Some(self.after),
+                bounds,
+                self.settings,
+            ),
+        )
+        .await?;
+        if read.epoch != self.epoch {
+            return Ok(Page::Reset(
+                "the room's history in Redis was lost while it was being replayed".into(),
+            ));
+        }
+        if read.trimmed_through > self.after {
+            return Ok(Page::Reset(format!(
+                "history was trimmed past the replay while it was being read (it keeps the last {} \
+                 events per room)",
+                self.settings.history_size
+            )));
+        }
+        let Some((last, _)) = read.entries.last() else {
+            // Nothing between `after` and `through` any more (deleted): nothing left to replay.
+            self.after = self.through;
+            return Ok(Page::Done);
+        };
+        self.after = *last;
+        let events = read
+            .entries
+            .iter()
+            .map(|(id, payload)| {
+                Arc::new(stored_event(
+                    self.room.clone(),
+                    format!("{}:{id}", self.epoch),
+                    id.position(false),
+                    payload,
+                ))
+            })
+            .collect();
+        Ok(Page::Events(events))
     }
 }
 

@@ -105,11 +105,39 @@ pub(crate) async fn publish(
     Ok((id, duplicate == 1))
 }
 
-/// The room's epoch and last id and, with `after`, its stored events after that id.
+/// The room's epoch and last id and, with `after`, its stored events after that id (as many as the
+/// history holds).
 pub(crate) async fn read(
     conn: &mut Conn,
     room: &str,
     after: Option<StreamId>,
+    settings: RoomSettings,
+) -> Result<ReadResult, redis::RedisError> {
+    let page = Bounds {
+        events: settings.history_size.saturating_add(1),
+        bytes: None,
+        upto: None,
+    };
+    read_page(conn, room, after, page, settings).await
+}
+
+/// Which entries one [`read_page`] returns.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Bounds {
+    /// At most this many.
+    pub(crate) events: usize,
+    /// Ending with the first entry whose payload makes their sum exceed this (at least one entry).
+    pub(crate) bytes: Option<usize>,
+    /// None after this id.
+    pub(crate) upto: Option<StreamId>,
+}
+
+/// [`read`], returning at most one page of entries after `after`.
+pub(crate) async fn read_page(
+    conn: &mut Conn,
+    room: &str,
+    after: Option<StreamId>,
+    bounds: Bounds,
     settings: RoomSettings,
 ) -> Result<ReadResult, redis::RedisError> {
     let keys = RoomKeys::new(room);
@@ -120,7 +148,9 @@ pub(crate) async fn read(
         .arg(random_token(EPOCH_LEN))
         .arg(settings.ttl_ms)
         .arg(after.map(|a| a.to_string()).unwrap_or_default())
-        .arg(settings.history_size.saturating_add(1))
+        .arg(bounds.events.max(1))
+        .arg(bounds.bytes.map(|b| b.to_string()).unwrap_or_default())
+        .arg(bounds.upto.map(|u| u.to_string()).unwrap_or_default())
         .invoke_async(conn)
         .await?;
     let mut entries = Vec::with_capacity(raw.len());

@@ -18,7 +18,7 @@ use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::conn::{bounded, Conn, PushQueue, Target};
+use super::conn::{bounded, Conn, PushQueue, PushReceiver, Target};
 use super::ids::StreamId;
 use super::keys::RoomKeys;
 use super::rooms::{lock, Command, Gap, RoomTable, SlotState};
@@ -26,7 +26,8 @@ use super::scripts::{self, RoomSettings};
 use crate::bus::BusError;
 use crate::metrics::{REDIS_RECONNECTS, REDIS_SUBSCRIPTIONS, ROOMS_LOCAL};
 
-/// Pushes queued between the subscriber connection and its task; past it the task re-reads the streams.
+/// Pushes queued between the subscriber connection and its task (also bounded in bytes: see
+/// `SubscriberParts::push_queue_bytes`); past it the task re-reads the streams.
 const PUSH_QUEUE: usize = 65_536;
 /// Most pending rooms subscribed in one batch.
 const SUBSCRIBE_BATCH: usize = 1024;
@@ -40,7 +41,7 @@ pub(crate) struct Subscriber {
     parts: SubscriberParts,
     sub: Conn,
     queue: PushQueue,
-    pushes: mpsc::Receiver<PushInfo>,
+    pushes: PushReceiver,
     /// Commands taken off the queue while batching subscriptions, handled next.
     backlog: VecDeque<Command>,
 }
@@ -57,13 +58,15 @@ pub(crate) struct SubscriberParts {
     /// This node's probe channel; the nonces received go to `probe_seen`.
     pub(crate) health_channel: String,
     pub(crate) probe_seen: watch::Sender<u64>,
+    /// Bound on the pushes queued, in bytes (`--redis-push-queue-bytes`).
+    pub(crate) push_queue_bytes: usize,
     pub(crate) cancel: CancellationToken,
 }
 
 impl Subscriber {
     /// Connects the subscriber and subscribes to the probe channel.
     pub(crate) async fn connect(parts: SubscriberParts) -> Result<Self, BusError> {
-        let (queue, pushes) = PushQueue::new(PUSH_QUEUE);
+        let (queue, pushes) = PushQueue::new(PUSH_QUEUE, parts.push_queue_bytes);
         let mut sub = bounded(
             parts.timeout,
             "connect (subscriber)",
@@ -326,7 +329,7 @@ impl Subscriber {
 
     async fn try_recover(&mut self, fresh: bool) -> Result<usize, BusError> {
         if fresh {
-            let (queue, pushes) = PushQueue::new(PUSH_QUEUE);
+            let (queue, pushes) = PushQueue::new(PUSH_QUEUE, self.parts.push_queue_bytes);
             let sub = bounded(
                 self.parts.timeout,
                 "connect (subscriber)",
