@@ -212,7 +212,11 @@ async fn many_long_room_names_end_with_the_whole_resume_map_in_under_8_kib_of_tr
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len())
         .sum();
-    assert!(size < 8 * 1024, "trailers are {size} bytes: {trailers:?}");
+    let sizes: Vec<(&str, usize)> = trailers
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.len()))
+        .collect();
+    assert!(size < 8 * 1024, "trailers are {size} bytes: {sizes:?}");
     let since: BTreeMap<String, String> = serde_json::from_str(
         trailers
             .get(lamplight::error::RESUME_METADATA_KEY)
