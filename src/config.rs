@@ -39,9 +39,11 @@ pub const DEFAULT_REDIS_PRESENCE_TTL_SECS: u64 = 45;
 pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 100;
 /// Default `Subscribe` streams one user (or service, by `sub`) may have open on one node.
 pub const DEFAULT_MAX_STREAMS_PER_USER: usize = 64;
-/// Default open connections per node. An idle connection costs about 31 KiB of RSS (BENCHMARKS.md):
-/// 10,000 of them about 310 MiB. Also raise the process's file descriptor limit (`ulimit -n`) above it.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default open connections per node: twice the 10,000 idle subscribers BENCHMARKS.md measures. An idle
+/// connection costs about 31 KiB of RSS, so 20,000 of them about 620 MiB. Also raise the process's file
+/// descriptor limit (`ulimit -n`) above it; past that limit `accept` fails and the server retries every
+/// 100 ms.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
 /// Default seconds a stream may have something to send and send nothing before it is ended: its client
 /// stopped reading (or granting HTTP/2 flow-control window).
 pub const DEFAULT_STREAM_STALL_SECS: u64 = 30;
