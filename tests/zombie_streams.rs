@@ -79,6 +79,14 @@ async fn read_to_trailers(mut body: h2::RecvStream) -> http::HeaderMap {
         .expect("the stream ends with trailers")
 }
 
+/// The `lamplight-resume-since` trailer, parsed.
+fn resume_trailer(trailers: &http::HeaderMap) -> BTreeMap<String, String> {
+    let value = trailers
+        .get(lamplight::error::RESUME_METADATA_KEY)
+        .expect("resume trailer");
+    serde_json::from_str(value.to_str().unwrap()).unwrap()
+}
+
 /// Users in `room` as another member sees them.
 async fn users_in(observer: &mut Client, room: &str) -> Vec<String> {
     get_presence(observer, room).await.unwrap().user_ids
@@ -129,8 +137,7 @@ async fn a_stalled_stream_is_ended_and_its_connection_siblings_get_their_resume_
     .await;
     // 1 KiB per stream: the unread stream is full after a few events; the read one keeps going.
     let send = raw_connection(server.addr, 1024).await;
-    let _stalled =
-        raw_subscribe(&send, server.addr, &user_token("zombie"), &[PROJECT.into()]).await;
+    let stalled = raw_subscribe(&send, server.addr, &user_token("zombie"), &[PROJECT.into()]).await;
     let sibling = raw_subscribe(
         &send,
         server.addr,
@@ -163,23 +170,34 @@ async fn a_stalled_stream_is_ended_and_its_connection_siblings_get_their_resume_
         assert_eq!(&next_event(&mut bystander).await.id, id);
     }
 
-    expect_left_presence(&mut observer, PROJECT, "zombie", 20).await;
-
-    // The sibling on the same connection could still be written: it got a status and where to resume.
-    let trailers = tokio::time::timeout(Duration::from_secs(10), sibling)
+    // The watchdog closes the connection: the sibling, which can still be written, gets a status and
+    // where to resume.
+    let trailers = tokio::time::timeout(Duration::from_secs(20), sibling)
         .await
-        .expect("the sibling stream ends")
+        .expect("the sibling stream ends once the stalled one is found")
         .unwrap();
     assert_eq!(trailers.get("grpc-status").unwrap(), "14", "{trailers:?}");
-    let since: BTreeMap<String, String> = serde_json::from_str(
-        trailers
-            .get(lamplight::error::RESUME_METADATA_KEY)
-            .expect("resume trailer")
-            .to_str()
-            .unwrap(),
-    )
-    .unwrap();
+    let since = resume_trailer(&trailers);
     assert_eq!(since.get(PROJECT), published.last(), "{since:?}");
+
+    // The stalled stream, read now (within the connection's close grace), ends with its own reason and
+    // resume position too.
+    let trailers = tokio::time::timeout(
+        Duration::from_secs(10),
+        read_to_trailers(stalled.into_body()),
+    )
+    .await
+    .expect("the stalled stream ends once read");
+    assert_eq!(trailers.get("grpc-status").unwrap(), "8", "{trailers:?}");
+    let message = trailers.get("grpc-message").unwrap().to_str().unwrap();
+    assert!(message.contains("--stream-stall-secs"), "{message}");
+    let since = resume_trailer(&trailers);
+    assert!(
+        since.get(PROJECT).is_some_and(|id| published.contains(id)),
+        "{since:?}"
+    );
+
+    expect_left_presence(&mut observer, PROJECT, "zombie", 10).await;
     expect_left_presence(&mut observer, PROJECT, "sibling", 10).await;
 
     // Others were not disturbed.
@@ -217,14 +235,7 @@ async fn many_long_room_names_end_with_the_whole_resume_map_in_under_8_kib_of_tr
         .map(|(name, value)| (name.as_str(), value.len()))
         .collect();
     assert!(size < 8 * 1024, "trailers are {size} bytes: {sizes:?}");
-    let since: BTreeMap<String, String> = serde_json::from_str(
-        trailers
-            .get(lamplight::error::RESUME_METADATA_KEY)
-            .expect("resume trailer")
-            .to_str()
-            .unwrap(),
-    )
-    .unwrap();
+    let since = resume_trailer(&trailers);
     let named: Vec<&String> = since.keys().collect();
     let mut expected: Vec<&String> = rooms.iter().collect();
     expected.sort();
