@@ -308,3 +308,78 @@ async fn watch(registry: Weak<Registry>, stall: Duration, shutdown: Cancellation
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::{FutureExt as _, StreamExt as _};
+
+    fn connection(id: u64) -> ConnectionHandle {
+        ConnectionHandle::new(id, CancellationToken::new())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn frozen_streams_get_their_connection_closed_and_idle_or_read_ones_do_not() {
+        let shutdown = CancellationToken::new();
+        let dog = Watchdog::start(Duration::from_secs(2), shutdown.clone());
+        let far = Instant::now() + Duration::from_secs(3600);
+
+        // Idle: nothing to send, never woken.
+        let idle_conn = connection(1);
+        let mut idle = dog
+            .register(far, Some(idle_conn.clone()))
+            .wrap(futures::stream::pending::<u32>());
+        assert!(idle.next().now_or_never().is_none());
+
+        // Handed out an item and was never polled again (no window for it).
+        let frozen_conn = connection(2);
+        let frozen_ticket = dog.register(far, Some(frozen_conn.clone()));
+        let frozen_watched = frozen_ticket.watched();
+        let mut frozen = frozen_ticket.wrap(futures::stream::iter([1u32, 2, 3]));
+        assert_eq!(frozen.next().now_or_never(), Some(Some(1)));
+
+        // Woken by a new item while waiting, and never polled again.
+        let woken_conn = connection(3);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+        let mut woken = dog
+            .register(far, Some(woken_conn.clone()))
+            .wrap(tokio_stream::wrappers::UnboundedReceiverStream::new(rx));
+        assert!(woken.next().now_or_never().is_none());
+        tx.send(7).unwrap();
+
+        // Read all along: polled again after every item.
+        let read_conn = connection(4);
+        let (read_tx, read_rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+        let mut read = dog.register(far, Some(read_conn.clone())).wrap(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(read_rx),
+        );
+
+        // Past its token's expiry and not ended (it cannot be polled).
+        let expired_conn = connection(5);
+        let expired_ticket = dog.register(
+            Instant::now() + Duration::from_secs(1),
+            Some(expired_conn.clone()),
+        );
+        let expired_watched = expired_ticket.watched();
+        let _expired = expired_ticket.wrap(futures::stream::pending::<u32>());
+
+        for n in 0..20 {
+            read_tx.send(n).unwrap();
+            assert_eq!(read.next().await, Some(n));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+
+        assert!(!idle_conn.closing().is_cancelled(), "idle");
+        assert!(!read_conn.closing().is_cancelled(), "read");
+        assert!(frozen_conn.closing().is_cancelled(), "frozen");
+        assert_eq!(frozen_watched.verdict(), Some(StreamEnd::Stalled));
+        assert!(woken_conn.closing().is_cancelled(), "woken");
+        assert!(expired_conn.closing().is_cancelled(), "expired");
+        assert_eq!(expired_watched.verdict(), Some(StreamEnd::TokenExpired));
+
+        // A dropped stream leaves the registry.
+        drop((idle, frozen, woken, read));
+        assert_eq!(dog.registry.streams().len(), 1);
+        shutdown.cancel();
+    }
+}
