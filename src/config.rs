@@ -47,6 +47,40 @@ pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 2000;
 /// Default lifetime of presence entries after a node's last heartbeat (`--redis-presence-ttl-secs`);
 /// nodes heartbeat every third of it, so the members of a node that died vanish within this.
 pub const DEFAULT_REDIS_PRESENCE_TTL_SECS: u64 = 45;
+/// Default concurrent streams (calls) a client may open on one HTTP/2 connection, advertised in SETTINGS;
+/// hyper's default (200) is what tonic replaces with "unlimited".
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 100;
+/// Default `Subscribe` streams one user (or service, by `sub`) may have open on one node.
+pub const DEFAULT_MAX_STREAMS_PER_USER: usize = 64;
+/// Default open connections per node: twice the 10,000 idle subscribers BENCHMARKS.md measures. An idle
+/// connection costs about 31 KiB of RSS, so 20,000 of them about 620 MiB. Also raise the process's file
+/// descriptor limit (`ulimit -n`) above it; past that limit `accept` fails and the server retries every
+/// 100 ms.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
+/// Default seconds a stream may have something to send and send nothing before it is ended: its client
+/// stopped reading (or granting HTTP/2 flow-control window).
+pub const DEFAULT_STREAM_STALL_SECS: u64 = 30;
+/// Default HTTP/2 PING interval on idle and busy connections alike.
+pub const DEFAULT_HTTP2_KEEPALIVE_SECS: u64 = 20;
+/// Default wait for a PING acknowledgement before the connection is closed. With the interval, a dead peer
+/// is found within 40 s.
+pub const DEFAULT_HTTP2_KEEPALIVE_TIMEOUT_SECS: u64 = 20;
+/// Default idle time before TCP keepalive probes start; probes then go every
+/// [`TCP_KEEPALIVE_INTERVAL_SECS`], and [`TCP_KEEPALIVE_RETRIES`] unanswered ones close the socket: 60 s in
+/// all. It finds dead peers of HTTP/1.1 (grpc-web) connections, which have no PING.
+pub const DEFAULT_TCP_KEEPALIVE_SECS: u64 = 30;
+/// Seconds between TCP keepalive probes.
+pub const TCP_KEEPALIVE_INTERVAL_SECS: u64 = 10;
+/// Unanswered TCP keepalive probes before the kernel closes the socket.
+pub const TCP_KEEPALIVE_RETRIES: u32 = 3;
+/// Default time an HTTP/1.1 client gets to send a request's headers (hyper's own default is 30 s).
+pub const DEFAULT_HTTP1_HEADER_READ_TIMEOUT_SECS: u64 = 10;
+/// Streams a client may make the server reset for protocol errors on one connection before it is closed
+/// with GOAWAY (h2's default, set explicitly so a dependency update cannot turn it off).
+pub const HTTP2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
+/// Streams reset by the client before the server accepted them that may be pending on one connection
+/// (the "rapid reset" attack, CVE-2023-44487); beyond: GOAWAY `ENHANCE_YOUR_CALM`. h2's default, explicit.
+pub const HTTP2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
 /// The HS256 secret used when no key is configured, so `cargo run` works out of the box. Never use it in
 /// production: anyone can mint tokens with it. The server logs a warning when it is in use.
 pub const DEV_JWT_SECRET: &str = "lamplight-dev-secret";
@@ -303,6 +337,52 @@ pub struct Config {
     #[arg(long, env = "LAMPLIGHT_SHUTDOWN_GRACE_SECS", default_value_t = DEFAULT_SHUTDOWN_GRACE_SECS)]
     pub shutdown_grace_secs: u64,
 
+    /// Concurrent calls one HTTP/2 connection may have open (advertised to the client in SETTINGS; a
+    /// conforming client queues the excess, others get the stream refused). Per node.
+    #[arg(long, env = "LAMPLIGHT_MAX_STREAMS_PER_CONNECTION", default_value_t = DEFAULT_MAX_STREAMS_PER_CONNECTION,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_streams_per_connection: u32,
+
+    /// `Subscribe` streams one user (or service, by `sub`) may have open on this node; one more ->
+    /// RESOURCE_EXHAUSTED naming the limit. Per node: with Redis, every node allows this many.
+    #[arg(long, env = "LAMPLIGHT_MAX_STREAMS_PER_USER", default_value_t = DEFAULT_MAX_STREAMS_PER_USER,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000).map(|v| v as usize))]
+    pub max_streams_per_user: usize,
+
+    /// Open connections (TCP) on this node; beyond, new connections are closed as soon as they are
+    /// accepted, and open ones are not disturbed.
+    #[arg(long, env = "LAMPLIGHT_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000).map(|v| v as usize))]
+    pub max_connections: usize,
+
+    /// Seconds a stream may have something to send (events, a heartbeat) and send nothing before the
+    /// server ends it with RESOURCE_EXHAUSTED and closes its connection: a client that stopped reading or
+    /// granting HTTP/2 flow-control window.
+    #[arg(long, env = "LAMPLIGHT_STREAM_STALL_SECS", default_value_t = DEFAULT_STREAM_STALL_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub stream_stall_secs: u64,
+
+    /// Seconds between HTTP/2 PINGs on every connection.
+    #[arg(long, env = "LAMPLIGHT_HTTP2_KEEPALIVE_SECS", default_value_t = DEFAULT_HTTP2_KEEPALIVE_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub http2_keepalive_secs: u64,
+
+    /// Seconds to wait for a PING acknowledgement before the connection is closed.
+    #[arg(long, env = "LAMPLIGHT_HTTP2_KEEPALIVE_TIMEOUT_SECS", default_value_t = DEFAULT_HTTP2_KEEPALIVE_TIMEOUT_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub http2_keepalive_timeout_secs: u64,
+
+    /// Idle seconds before TCP keepalive probes start (then every 10 s; 3 unanswered close the socket).
+    #[arg(long, env = "LAMPLIGHT_TCP_KEEPALIVE_SECS", default_value_t = DEFAULT_TCP_KEEPALIVE_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=7200))]
+    pub tcp_keepalive_secs: u64,
+
+    /// Seconds an HTTP/1.1 (grpc-web) client gets to send a request's headers before the connection is
+    /// closed.
+    #[arg(long, env = "LAMPLIGHT_HTTP1_HEADER_READ_TIMEOUT_SECS", default_value_t = DEFAULT_HTTP1_HEADER_READ_TIMEOUT_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub http1_header_read_timeout_secs: u64,
+
     /// The Redis bus (multi-node). Unset: the embedded bus.
     #[command(flatten)]
     pub redis: RedisConfig,
@@ -340,6 +420,14 @@ impl Config {
             stream_queue_bytes: DEFAULT_STREAM_QUEUE_BYTES,
             typing_per_sec: DEFAULT_TYPING_PER_SEC,
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
+            max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
+            max_streams_per_user: DEFAULT_MAX_STREAMS_PER_USER,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            stream_stall_secs: DEFAULT_STREAM_STALL_SECS,
+            http2_keepalive_secs: DEFAULT_HTTP2_KEEPALIVE_SECS,
+            http2_keepalive_timeout_secs: DEFAULT_HTTP2_KEEPALIVE_TIMEOUT_SECS,
+            tcp_keepalive_secs: DEFAULT_TCP_KEEPALIVE_SECS,
+            http1_header_read_timeout_secs: DEFAULT_HTTP1_HEADER_READ_TIMEOUT_SECS,
             log_format: LogFormat::Pretty,
             metrics_listen: None,
             worker_threads: None,

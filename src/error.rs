@@ -19,6 +19,17 @@ use crate::rooms::InvalidRoom;
 /// stream ends early: pass it back as `since` to resume without loss.
 pub const RESUME_METADATA_KEY: &str = "lamplight-resume-since";
 
+/// Largest resume map (JSON bytes) also written into the status message, for people reading grpcurl
+/// output and for clients that only see the message. A larger map goes in the trailer only.
+pub const RESUME_IN_MESSAGE_MAX: usize = 1024;
+
+/// Largest resume map (JSON bytes) sent in the trailer. With the status and a short message, trailers stay
+/// under 8 KiB, well inside what clients accept (hyper's and grpc-go's default header list limit is 16 KiB;
+/// a status over the peer's limit is lost altogether). A larger map (many rooms with long names) is left
+/// out, and the message says so: resume from the positions in `Subscribed` and the ids of the events
+/// received, which is what the map would say.
+pub const RESUME_TRAILER_MAX: usize = 7 * 1024;
+
 /// Why the server ended a stream that the client did not close.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StreamEnd {
@@ -30,6 +41,11 @@ pub enum StreamEnd {
     ShuttingDown,
     /// The bus could not read the history being replayed (e.g. Redis went away mid-replay).
     BusUnavailable,
+    /// The stream had something to send and sent nothing for `--stream-stall-secs`: its client stopped
+    /// reading or granting HTTP/2 flow-control window. Its connection is closed too.
+    Stalled,
+    /// The server closed the stream's connection because another stream on it stalled.
+    ConnectionClosed,
 }
 
 impl fmt::Display for StreamEnd {
@@ -42,6 +58,12 @@ impl fmt::Display for StreamEnd {
             StreamEnd::TokenExpired => "token expired",
             StreamEnd::ShuttingDown => "server shutting down",
             StreamEnd::BusUnavailable => "event bus unavailable while replaying history",
+            StreamEnd::Stalled => {
+                "stream could not be written for --stream-stall-secs (the client stopped reading) and was ended"
+            }
+            StreamEnd::ConnectionClosed => {
+                "connection closed by the server because another stream on it stopped reading"
+            }
         })
     }
 }
@@ -67,8 +89,16 @@ pub enum ServiceError {
     /// A rate limit was hit.
     #[error("{0}")]
     RateLimited(String),
+    /// The user already has as many open streams on this node as allowed.
+    #[error("{user} already has {limit} open streams on this node, the limit (--max-streams-per-user): close one before opening another")]
+    TooManyStreams {
+        /// The `sub`.
+        user: String,
+        /// `--max-streams-per-user`.
+        limit: usize,
+    },
     /// The server ended a stream; `since` is the last event id delivered per room.
-    #[error("{reason}; resume with since={}", since_json(.since))]
+    #[error("{reason}; {}", resume_hint(.since))]
     StreamEnded {
         /// Why.
         reason: StreamEnd,
@@ -79,6 +109,26 @@ pub enum ServiceError {
 
 fn since_json(since: &BTreeMap<String, String>) -> String {
     serde_json::to_string(since).unwrap_or_default()
+}
+
+/// Where the client finds its resume position: in the message itself when the map is small, else in the
+/// trailer only (or, past [`RESUME_TRAILER_MAX`], in what it received).
+fn resume_hint(since: &BTreeMap<String, String>) -> String {
+    let json = since_json(since);
+    if json.len() <= RESUME_IN_MESSAGE_MAX {
+        format!("resume with since={json}")
+    } else if json.len() <= RESUME_TRAILER_MAX {
+        format!(
+            "resume with the since map of {} rooms in the {RESUME_METADATA_KEY} trailer",
+            since.len()
+        )
+    } else {
+        format!(
+            "the since map of {} rooms is too large for trailers: resume from the positions in Subscribed \
+             and the ids of the events received",
+            since.len()
+        )
+    }
 }
 
 impl From<ServiceError> for Status {
@@ -101,17 +151,24 @@ impl From<ServiceError> for Status {
                 tracing::error!(%cause, "bus failure");
                 return Status::internal("internal event bus error (logged on the server)");
             }
-            ServiceError::RateLimited(_) => Code::ResourceExhausted,
+            ServiceError::RateLimited(_) | ServiceError::TooManyStreams { .. } => {
+                Code::ResourceExhausted
+            }
             ServiceError::StreamEnded { reason, .. } => match reason {
-                StreamEnd::SlowConsumer => Code::ResourceExhausted,
+                StreamEnd::SlowConsumer | StreamEnd::Stalled => Code::ResourceExhausted,
                 StreamEnd::TokenExpired => Code::Unauthenticated,
-                StreamEnd::ShuttingDown | StreamEnd::BusUnavailable => Code::Unavailable,
+                StreamEnd::ShuttingDown
+                | StreamEnd::BusUnavailable
+                | StreamEnd::ConnectionClosed => Code::Unavailable,
             },
         };
         let mut status = Status::new(code, err.to_string());
         if let ServiceError::StreamEnded { since, .. } = &err {
-            if let Ok(value) = since_json(since).parse() {
-                status.metadata_mut().insert(RESUME_METADATA_KEY, value);
+            let json = since_json(since);
+            if json.len() <= RESUME_TRAILER_MAX {
+                if let Ok(value) = json.parse() {
+                    status.metadata_mut().insert(RESUME_METADATA_KEY, value);
+                }
             }
         }
         status
@@ -134,5 +191,41 @@ mod tests {
             status.metadata().get(RESUME_METADATA_KEY).unwrap(),
             r#"{"tenant:t1":"abc-7"}"#
         );
+    }
+
+    fn many_rooms(n: usize, name_len: usize) -> BTreeMap<String, String> {
+        (0..n)
+            .map(|i| {
+                let room = format!("tenant:t1:channel:{i:0>width$}", width = name_len - 18);
+                (room, format!("mwwkmslp-{i}"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_large_resume_map_is_sent_once_in_the_trailer() {
+        let since = many_rooms(64, 90);
+        let status = Status::from(ServiceError::StreamEnded {
+            reason: StreamEnd::TokenExpired,
+            since: since.clone(),
+        });
+        assert!(status.message().len() < 200, "{}", status.message());
+        assert!(status.message().contains(RESUME_METADATA_KEY));
+        let trailer = status.metadata().get(RESUME_METADATA_KEY).unwrap();
+        let parsed: BTreeMap<String, String> =
+            serde_json::from_str(trailer.to_str().unwrap()).unwrap();
+        assert_eq!(parsed, since);
+    }
+
+    #[test]
+    fn a_map_too_large_for_trailers_is_left_out_and_the_message_says_so() {
+        let status = Status::from(ServiceError::StreamEnded {
+            reason: StreamEnd::Stalled,
+            since: many_rooms(64, 272),
+        });
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(status.metadata().get(RESUME_METADATA_KEY).is_none());
+        assert!(status.message().contains("too large for trailers"));
+        assert!(status.message().len() < 400, "{}", status.message());
     }
 }

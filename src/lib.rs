@@ -7,7 +7,9 @@
 //! Modules, by concept: [`config`] (flags and env), [`auth`] (JWT -> principal), [`rooms`] (room grammar),
 //! [`policy`] (who may do what), [`service`] (the gRPC handlers), [`bus`] (ids, history, fan-out; one
 //! trait, several transports), [`presence`], [`ratelimit`], [`wire`] (pre-encoded responses), [`error`]
-//! (the one mapping to `tonic::Status`), [`server`] (assembly and middleware), [`shutdown`], [`cli`].
+//! (the one mapping to `tonic::Status`), [`server`] (assembly and middleware), [`listener`] (accepting
+//! connections, their limits and settings), [`limits`] (streams per user), [`watchdog`] (ending streams the
+//! server cannot write to), [`shutdown`], [`cli`].
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod auth;
@@ -19,6 +21,8 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod policy;
 pub mod presence;
@@ -28,6 +32,7 @@ pub mod rooms;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+pub mod watchdog;
 pub mod wire;
 
 pub use config::Config;

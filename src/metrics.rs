@@ -7,7 +7,11 @@
 //! | name | type | labels |
 //! |---|---|---|
 //! | `lamplight_streams_open` | gauge | |
-//! | `lamplight_streams_ended_total` | counter | `reason`: client_closed, slow_consumer, token_expired, shutting_down |
+//! | `lamplight_streams_ended_total` | counter | `reason`: client_closed, slow_consumer, token_expired, shutting_down, stalled, connection_closed |
+//! | `lamplight_streams_refused_total` | counter (`Subscribe` refused by `--max-streams-per-user`) | |
+//! | `lamplight_connections_open` | gauge | |
+//! | `lamplight_connections_refused_total` | counter (closed at accept by `--max-connections`) | |
+//! | `lamplight_connections_closed_by_watchdog_total` | counter (a stream on them could not be written) | `reason`: stalled, token_expired |
 //! | `lamplight_slow_consumer_disconnects_total` | counter | |
 //! | `lamplight_rooms_local` | gauge (rooms with at least one subscriber on this node) | |
 //! | `lamplight_events_published_total` | counter | `kind`: publish, typing |
@@ -29,6 +33,14 @@ use crate::error::StreamEnd;
 pub const STREAMS_OPEN: &str = "lamplight_streams_open";
 /// Streams ended, by reason.
 pub const STREAMS_ENDED: &str = "lamplight_streams_ended_total";
+/// `Subscribe` calls refused by `--max-streams-per-user`.
+pub const STREAMS_REFUSED: &str = "lamplight_streams_refused_total";
+/// Open connections.
+pub const CONNECTIONS_OPEN: &str = "lamplight_connections_open";
+/// Connections closed at accept because `--max-connections` were open.
+pub const CONNECTIONS_REFUSED: &str = "lamplight_connections_refused_total";
+/// Connections the stream watchdog closed, by reason.
+pub const CONNECTIONS_CLOSED_BY_WATCHDOG: &str = "lamplight_connections_closed_by_watchdog_total";
 /// Streams ended because their queue overflowed.
 pub const SLOW_CONSUMER_DISCONNECTS: &str = "lamplight_slow_consumer_disconnects_total";
 /// Rooms with at least one local subscriber.
@@ -96,6 +108,19 @@ fn describe() {
     describe_gauge!(STREAMS_OPEN, "Open Subscribe streams");
     describe_counter!(STREAMS_ENDED, "Subscribe streams ended, by reason");
     describe_counter!(
+        STREAMS_REFUSED,
+        "Subscribe calls refused by --max-streams-per-user"
+    );
+    describe_gauge!(CONNECTIONS_OPEN, "Open connections");
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections closed at accept because --max-connections were open"
+    );
+    describe_counter!(
+        CONNECTIONS_CLOSED_BY_WATCHDOG,
+        "Connections closed because a stream on them could not be written (stalled, or past its token's expiry)"
+    );
+    describe_counter!(
         SLOW_CONSUMER_DISCONNECTS,
         "Streams ended because they fell behind by more than --stream-queue"
     );
@@ -126,12 +151,14 @@ fn describe() {
 #[derive(Debug)]
 pub(crate) struct StreamGuard {
     end: Option<StreamEnd>,
+    watched: Option<std::sync::Arc<crate::watchdog::Watched>>,
 }
 
 impl StreamGuard {
-    pub(crate) fn open() -> Self {
+    /// `watched`: where the watchdog notes why it ended the stream from outside, if it did.
+    pub(crate) fn open(watched: Option<std::sync::Arc<crate::watchdog::Watched>>) -> Self {
         metrics::gauge!(STREAMS_OPEN).increment(1.0);
-        Self { end: None }
+        Self { end: None, watched }
     }
 
     /// The server ended the stream for `reason` (otherwise the client closed it).
@@ -143,7 +170,10 @@ impl StreamGuard {
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         metrics::gauge!(STREAMS_OPEN).decrement(1.0);
-        let reason = match self.end {
+        let end = self
+            .end
+            .or_else(|| self.watched.as_ref().and_then(|w| w.verdict()));
+        let reason = match end {
             None => "client_closed",
             Some(StreamEnd::SlowConsumer) => {
                 metrics::counter!(SLOW_CONSUMER_DISCONNECTS).increment(1);
@@ -152,6 +182,8 @@ impl Drop for StreamGuard {
             Some(StreamEnd::TokenExpired) => "token_expired",
             Some(StreamEnd::ShuttingDown) => "shutting_down",
             Some(StreamEnd::BusUnavailable) => "bus_unavailable",
+            Some(StreamEnd::Stalled) => "stalled",
+            Some(StreamEnd::ConnectionClosed) => "connection_closed",
         };
         metrics::counter!(STREAMS_ENDED, "reason" => reason).increment(1);
     }

@@ -8,7 +8,6 @@ use http::Method;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::{self, KeyError, Verifier};
@@ -16,6 +15,7 @@ use crate::bus::memory::MemoryBus;
 use crate::bus::redis::{RedisBus, RedisOptions, Target};
 use crate::bus::{Bus, BusError};
 use crate::config::Config;
+use crate::listener::ConnectionSettings;
 use crate::proto::server::event_service_server::EventServiceServer;
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::service::{EventApi, Limits};
@@ -41,14 +41,12 @@ pub enum ServeError {
     /// Reflection could not read the descriptor set.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    /// The transport failed.
-    #[error("transport: {0}")]
-    Transport(#[from] tonic::transport::Error),
 }
 
 /// Runs lamplight on `listener` until `shutdown` is cancelled, then ends every open stream with
 /// `UNAVAILABLE` (naming the last ids, so clients resume elsewhere) and returns once they are closed, or
-/// after `config.shutdown_grace_secs` at the latest.
+/// after `config.shutdown_grace_secs` at the latest. Connections are accepted and limited by
+/// [`crate::listener`].
 pub async fn serve(
     listener: TcpListener,
     config: Config,
@@ -113,23 +111,20 @@ pub async fn serve(
     // Non-OK statuses are the API working as documented (expired tokens, denied rooms, streams ended for
     // slow consumers or shutdown): debug level. Real failures are logged where they happen.
     let quiet_failures = tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG);
-    let layers = tower::ServiceBuilder::new()
-        .layer(tower_http::trace::TraceLayer::new_for_grpc().on_failure(quiet_failures))
-        .layer(cors)
-        .layer(tonic_web::GrpcWebLayer::new());
-    let router = tonic::transport::Server::builder()
-        .accept_http1(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .layer(layers)
-        .add_service(events)
+    let routes = tonic::service::Routes::new(events)
         .add_service(health_service)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha);
+        .add_service(reflection_v1alpha)
+        .prepare();
+    let app = tower::ServiceBuilder::new()
+        .layer(tower_http::trace::TraceLayer::new_for_grpc().on_failure(quiet_failures))
+        .layer(cors)
+        .layer(tonic_web::GrpcWebLayer::new())
+        .service(routes);
 
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let stopping = shutdown.clone();
     let health_on_stop = health.clone();
-    let server = router.serve_with_incoming_shutdown(incoming, async move {
+    tokio::spawn(async move {
         stopping.cancelled().await;
         // Both the service and the overall status (""), which is what probes and load balancers usually
         // check, so they stop sending new calls while open streams drain.
@@ -141,13 +136,13 @@ pub async fn serve(
             .await;
         tracing::info!("shutting down: ending open streams");
     });
-    let grace = Duration::from_secs(config.shutdown_grace_secs);
-    tokio::select! {
-        result = server => result?,
-        _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
-            tracing::warn!(?grace, "connections still open after the grace period; exiting anyway");
-        }
-    }
+    crate::listener::serve(
+        listener,
+        app,
+        ConnectionSettings::from_config(&config),
+        shutdown,
+    )
+    .await;
     Ok(())
 }
 

@@ -15,6 +15,7 @@ use crate::auth::{self, Principal};
 use crate::bus::Bus;
 use crate::config::Config;
 use crate::error::ServiceError;
+use crate::limits::UserStreams;
 use crate::metrics::{EVENTS_PUBLISHED, PUBLISH_DURATION};
 use crate::policy;
 use crate::proto::server::event_service_server::EventService;
@@ -24,6 +25,7 @@ use crate::proto::v1::{
 };
 use crate::ratelimit::RateLimiter;
 use crate::rooms::Room;
+use crate::watchdog::{ConnectionHandle, Watchdog};
 
 /// Longest event `type` accepted.
 pub const MAX_TYPE_LEN: usize = 128;
@@ -45,6 +47,10 @@ pub struct Limits {
     pub stream_queue_bytes: usize,
     /// Heartbeat interval.
     pub heartbeat: Duration,
+    /// Open streams per user on this node.
+    pub max_streams_per_user: usize,
+    /// How long a stream may have something to send and send nothing before it is ended.
+    pub stream_stall: Duration,
 }
 
 impl Limits {
@@ -56,6 +62,8 @@ impl Limits {
             stream_queue: config.stream_queue,
             stream_queue_bytes: config.stream_queue_bytes,
             heartbeat: config.heartbeat(),
+            max_streams_per_user: config.max_streams_per_user,
+            stream_stall: Duration::from_secs(config.stream_stall_secs),
         }
     }
 }
@@ -72,10 +80,13 @@ struct Inner {
     typing: RateLimiter,
     shutdown: CancellationToken,
     next_connection: AtomicU64,
+    user_streams: Arc<UserStreams>,
+    watchdog: Watchdog,
 }
 
 impl EventApi {
-    /// A service over `bus`. Open streams end with `UNAVAILABLE` when `shutdown` is cancelled.
+    /// A service over `bus`. Open streams end with `UNAVAILABLE` when `shutdown` is cancelled. Starts the
+    /// stream watchdog ([`crate::watchdog`]) in the current tokio runtime.
     pub fn new(
         bus: Arc<dyn Bus>,
         limits: Limits,
@@ -85,6 +96,8 @@ impl EventApi {
         Self {
             inner: Arc::new(Inner {
                 bus,
+                user_streams: UserStreams::new(limits.max_streams_per_user),
+                watchdog: Watchdog::start(limits.stream_stall, shutdown.clone()),
                 limits,
                 typing: RateLimiter::new(typing_per_sec),
                 shutdown,
@@ -215,7 +228,11 @@ impl EventService for EventApi {
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let principal = auth::principal(&request).await?;
-        let stream = self.open_stream(principal, request.into_inner()).await?;
+        // Set by the server for every connection it accepts: how the watchdog closes a frozen stream.
+        let connection = request.extensions().get::<ConnectionHandle>().cloned();
+        let stream = self
+            .open_stream(principal, connection, request.into_inner())
+            .await?;
         Ok(Response::new(stream))
     }
 

@@ -3,8 +3,10 @@
 //! Order on the wire: `Subscribed` (where each room stands), then per room a `Reset` or the replay of what
 //! the client missed, then live events and heartbeats. The stream ends by itself, with the last event id
 //! delivered per room in the status, when the client falls too far behind (`RESOURCE_EXHAUSTED`), when the
-//! token expires (`UNAUTHENTICATED`), when the server shuts down or the bus cannot read the history being
-//! replayed (`UNAVAILABLE`). The replay is read a page at a time as the client takes it.
+//! token expires (`UNAUTHENTICATED`), when the server shuts down or closes its connection, or the bus
+//! cannot read the history being replayed (`UNAVAILABLE`). The replay is read a page at a time as the
+//! client takes it. A stream the transport stops polling (the client withholds flow-control window) cannot
+//! end itself: [`crate::watchdog`] ends it from outside. Each user may hold `--max-streams-per-user`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
@@ -30,6 +32,7 @@ use crate::presence::Member;
 use crate::proto::v1::{
     subscribe_response::Kind, Heartbeat, Reset, RoomPosition, SubscribeRequest, Subscribed,
 };
+use crate::watchdog::ConnectionHandle;
 use crate::wire::SharedResponse;
 
 /// Attaching one room: the `since` it was given, and the bus's feed.
@@ -49,10 +52,13 @@ impl EventApi {
     pub(super) async fn open_stream(
         &self,
         principal: Arc<Principal>,
+        connection: Option<ConnectionHandle>,
         req: SubscribeRequest,
     ) -> Result<SubscribeStream, ServiceError> {
         let rooms = self.validate(&principal, &req)?;
         let inner = self.inner.clone();
+        // Before attaching to anything, so a refused stream costs nothing.
+        let permit = inner.user_streams.acquire(&principal)?;
         let (sink, mut inbox) =
             sink_with_bytes(inner.limits.stream_queue, inner.limits.stream_queue_bytes);
 
@@ -115,21 +121,28 @@ impl EventApi {
             SharedResponse::from_message(Kind::Subscribed(Subscribed { rooms: first }));
 
         let presence = PresenceGuard::connect(&inner, &principal, &canonical).await?;
-        let shutdown = inner.shutdown.clone();
+        let server_shutdown = inner.shutdown.clone();
+        // Cancelled on shutdown (a child of the server's token) and when the server closes the connection.
+        let closing = connection
+            .as_ref()
+            .map_or_else(|| server_shutdown.clone(), |c| c.closing().clone());
         let heartbeat_every = inner.limits.heartbeat;
         let expires = Instant::now()
             + principal
                 .valid_until
                 .duration_since(SystemTime::now())
                 .unwrap_or_default();
+        let ticket = inner.watchdog.register(expires, connection);
+        let watched = ticket.watched();
         tracing::debug!(user = %principal.user_id, rooms = ?canonical, "stream opened");
 
         let stream = async_stream::stream! {
-            // Dropped with the stream: detaches from the rooms and updates presence.
+            // Dropped with the stream: detaches from the rooms, updates presence, frees the user's slot.
             let _leases = leases;
             let _presence = presence;
             let _sink = sink;
-            let mut metrics = StreamGuard::open();
+            let _permit = permit;
+            let mut metrics = StreamGuard::open(Some(watched.clone()));
             let delivered = metrics::counter!(EVENTS_DELIVERED);
             yield Ok(subscribed);
             // Per room a Reset or its replay, read a page at a time as the client takes it. Between pages
@@ -141,8 +154,12 @@ impl EventApi {
                     continue;
                 }
                 loop {
-                    if shutdown.is_cancelled() {
-                        replay_end = Some(StreamEnd::ShuttingDown);
+                    if closing.is_cancelled() {
+                        replay_end = Some(match watched.verdict() {
+                            Some(verdict) => verdict,
+                            None if server_shutdown.is_cancelled() => StreamEnd::ShuttingDown,
+                            None => StreamEnd::ConnectionClosed,
+                        });
                         break 'rooms;
                     }
                     if Instant::now() >= expires {
@@ -178,11 +195,11 @@ impl EventApi {
                 return;
             }
             // One timer for the next heartbeat and the token's expiry, and this stream's own cancellation
-            // token (a child of the server's), so that waiting costs no lock other streams share.
+            // token (a child of its connection's), so that waiting costs no lock other streams share.
             let mut next_heartbeat = Instant::now() + heartbeat_every;
             let timer = tokio::time::sleep_until(next_heartbeat.min(expires));
             tokio::pin!(timer);
-            let shutdown = shutdown.child_token();
+            let shutdown = closing.child_token();
             let cancelled = shutdown.cancelled();
             tokio::pin!(cancelled);
             let mut burst = 0;
@@ -204,7 +221,11 @@ impl EventApi {
                         }
                         tokio::select! {
                             biased;
-                            _ = &mut cancelled => break StreamEnd::ShuttingDown,
+                            _ = &mut cancelled => break match watched.verdict() {
+                                Some(verdict) => verdict,
+                                None if server_shutdown.is_cancelled() => StreamEnd::ShuttingDown,
+                                None => StreamEnd::ConnectionClosed,
+                            },
                             _ = &mut timer => {
                                 let now = Instant::now();
                                 if now >= expires {
@@ -249,7 +270,7 @@ impl EventApi {
             metrics.ended(end);
             yield Err(Status::from(ServiceError::StreamEnded { reason: end, since: position }));
         };
-        Ok(Box::pin(stream))
+        Ok(Box::pin(ticket.wrap(Box::pin(stream))))
     }
 
     /// Room grammar, limits and policy; all or nothing. Returns the rooms without duplicates, in order,
