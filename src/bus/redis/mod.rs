@@ -94,6 +94,7 @@ impl RedisBus {
         let cancel = CancellationToken::new();
         let (table, commands) = RoomTable::new();
         let (seen_tx, seen_rx) = watch::channel(0u64);
+        let (rooms_down_tx, rooms_down) = watch::channel(0usize);
         let health_channel = keys::health_channel(&node);
         let subscriber = Subscriber::connect(SubscriberParts {
             table: table.clone(),
@@ -104,6 +105,7 @@ impl RedisBus {
             settings,
             health_channel: health_channel.clone(),
             probe_seen: seen_tx,
+            rooms_down: rooms_down_tx,
             cancel: cancel.clone(),
         })
         .await?;
@@ -117,6 +119,7 @@ impl RedisBus {
                 sharded: settings.sharded,
                 timeout,
                 seen: seen_rx,
+                rooms_down,
                 healthy: healthy_tx,
                 commands: table.command_sender(),
                 cancel: cancel.clone(),
