@@ -297,16 +297,18 @@ impl Subscriber {
         if let Some(next) = self.parts.table.reset_overdue(RESET_AFTER, RESET_REASON) {
             self.wake_at(next.into());
         }
-        let mut later = None;
-        self.retry.retain(|room, (_, at)| {
+        let mut later = Vec::new();
+        for (room, (_, at)) in &self.retry {
             if *at <= now {
                 self.todo.insert(room.clone());
             } else {
-                later = Some(later.map_or(*at, |l: Instant| l.min(*at)));
+                later.push(*at);
             }
-            true
-        });
-        if let Some(at) = later {
+        }
+        if self.health == Step::Needed {
+            later.push(self.health_retry.1);
+        }
+        if let Some(at) = later.into_iter().min() {
             self.wake_at(at);
         }
     }
@@ -388,8 +390,13 @@ impl Subscriber {
             }
             self.jobs.push(self.catch_up_job(chunk.to_vec()));
         }
-        // Leaving never waits for a free slot: it only sheds work.
         for chunk in leaves.chunks(batch) {
+            if self.jobs.len() >= MAX_JOBS {
+                // Not subscribed any more as far as the next look is concerned: keep it so.
+                self.subscribed.extend(chunk.iter().cloned());
+                self.todo.extend(chunk.iter().cloned());
+                continue;
+            }
             self.busy.extend(chunk.iter().cloned());
             self.jobs.push(self.unsubscribe_job(chunk.to_vec()));
         }
@@ -515,6 +522,7 @@ impl Subscriber {
                 }
             },
             Done::Joined(results) => {
+                let mut failed = false;
                 for (room, result) in results {
                     self.busy.remove(&room);
                     let fault = self.again.remove(&room);
@@ -525,11 +533,17 @@ impl Subscriber {
                             }
                         }
                         Err(e) => {
+                            failed |= matches!(e, BusError::Unavailable(_));
                             // The waiting streams fail with UNAVAILABLE.
                             self.parts.table.join_failed(&room, &e.to_string());
                         }
                     }
                     self.todo.insert(room);
+                }
+                if failed {
+                    self.subscribe_failed();
+                } else {
+                    self.failures = 0;
                 }
             }
             Done::CaughtUp(results) => {
@@ -548,7 +562,7 @@ impl Subscriber {
                             Filled::Again | Filled::Stale => {}
                         },
                         Err(e) => {
-                            failed = true;
+                            failed |= matches!(e, BusError::Unavailable(_));
                             let attempts = self.retry.get(&room).map_or(0, |(n, _)| *n) + 1;
                             if attempts == 1 || attempts.is_multiple_of(10) {
                                 tracing::warn!(room = %room, error = %e, attempts, "room not caught up yet; retrying");
@@ -580,8 +594,8 @@ impl Subscriber {
         self.report();
     }
 
-    /// On a standalone Redis every room shares the connection: after repeated failures replace it (its
-    /// manager may have given up reconnecting). A cluster connection reconnects each node itself.
+    /// On a standalone Redis every room shares the connection: after repeated failures to reach Redis
+    /// replace it (its manager may have given up reconnecting). A cluster connection reconnects each node itself.
     fn subscribe_failed(&mut self) {
         if self.parts.target.is_cluster() {
             return;
