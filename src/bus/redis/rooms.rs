@@ -600,3 +600,103 @@ impl RoomTable {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::sink;
+
+    fn sid(ms: u64, seq: u64) -> StreamId {
+        StreamId { ms, seq }
+    }
+
+    fn read(epoch: &str, last: StreamId, entries: &[StreamId]) -> scripts::ReadResult {
+        scripts::ReadResult {
+            epoch: epoch.into(),
+            last,
+            trimmed_through: StreamId::default(),
+            entries: entries.iter().map(|id| (*id, Vec::new())).collect(),
+        }
+    }
+
+    fn ids(inbox: &mut crate::bus::SinkReceiver) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(item) = inbox.try_recv() {
+            out.push(match item {
+                RoomItem::Event(e) => e.id.clone(),
+                RoomItem::Reset { .. } => "reset".into(),
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn typing_held_across_a_catch_up_is_not_offered_after_newer_stored_events() {
+        let (table, _commands) = RoomTable::new();
+        let (sink, mut inbox) = sink(100);
+        let (_lease, _wait) = table.attach("r", &sink);
+        let room: Arc<str> = "r".into();
+        assert!(table.joined(&room, &read("e", sid(10, 0), &[]), false));
+        table.deliver("r", b"e:10-0.1\n");
+        assert_eq!(ids(&mut inbox), ["e:10-0.1"]);
+
+        // A fault: live messages wait for the catch-up read.
+        table.fault(None);
+        table.deliver("r", b"e:11-0\n"); // stored, also in the read below
+        table.deliver("r", b"e:11-0.1\n"); // typing, before 12-0
+        table.deliver("r", b"e:12-0\n");
+        table.deliver("r", b"e:12-0.1\n"); // typing after the read's last event: newer
+        assert!(ids(&mut inbox).is_empty(), "held");
+        let gap = Gap {
+            room: room.clone(),
+            base: ("e".into(), sid(10, 0)),
+            reset: None,
+            read: read("e", sid(12, 0), &[sid(11, 0), sid(12, 0)]),
+        };
+        assert_eq!(table.fill(gap), Filled::Done);
+        assert_eq!(ids(&mut inbox), ["e:11-0", "e:12-0", "e:12-0.1"]);
+
+        // Late copies are dropped; the next events pass.
+        table.deliver("r", b"e:11-0.1\n");
+        table.deliver("r", b"e:12-0.1\n");
+        table.deliver("r", b"e:12-0.2\n");
+        table.deliver("r", b"e:13-0\n");
+        assert_eq!(ids(&mut inbox), ["e:12-0.2", "e:13-0"]);
+
+        // A typing event after stored events this node has not offered waits for them (a catch-up).
+        table.deliver("r", b"e:15-0.1\n");
+        assert!(ids(&mut inbox).is_empty());
+
+        // A new epoch (the room was recreated) comes with a Reset; late messages of the old one are stale.
+        table.deliver("r", b"f:1-0\n");
+        table.deliver("r", b"e:14-0\n");
+        table.deliver("r", b"f:2-0\n");
+        assert_eq!(ids(&mut inbox), ["reset", "f:1-0", "f:2-0"]);
+    }
+
+    #[test]
+    fn a_room_faulted_too_long_gets_one_reset() {
+        let (table, _commands) = RoomTable::new();
+        let (sink, mut inbox) = sink(100);
+        let (_lease, _wait) = table.attach("r", &sink);
+        let room: Arc<str> = "r".into();
+        assert!(table.joined(&room, &read("e", sid(1, 0), &[]), false));
+        table.fault(None);
+        assert_eq!(table.faulted_count(), 1);
+        assert!(table.reset_overdue(Duration::from_secs(60), "x").is_some());
+        assert!(ids(&mut inbox).is_empty());
+        assert!(table.reset_overdue(Duration::ZERO, "x").is_none());
+        assert!(table.reset_overdue(Duration::ZERO, "x").is_none());
+        assert_eq!(ids(&mut inbox), ["reset"]);
+        // Once caught up it delivers again.
+        let gap = Gap {
+            room: room.clone(),
+            base: ("e".into(), sid(1, 0)),
+            reset: None,
+            read: read("e", sid(2, 0), &[sid(2, 0)]),
+        };
+        assert_eq!(table.fill(gap), Filled::Done);
+        assert_eq!(table.faulted_count(), 0);
+        assert_eq!(ids(&mut inbox), ["e:2-0"]);
+    }
+}
