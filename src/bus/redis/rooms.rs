@@ -12,7 +12,7 @@
 //! the node cannot repair costs the room's streams a `Reset`, never a silent gap.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -24,9 +24,12 @@ use super::stored_event;
 use crate::bus::{RoomItem, Sink};
 use crate::metrics::ROOMS_LOCAL;
 
-/// Bytes of live messages held per room while it waits for a read; past it they are dropped and the
-/// room is read again (history covers stored events; held ephemeral ones are lost).
-const HELD_BYTES: usize = 4 * 1024 * 1024;
+/// Bytes of live messages held per room while it waits for a read; past it (or past
+/// [`HELD_BYTES_PER_NODE`] for all rooms together) the room's held messages are dropped and it is read
+/// again (history covers stored events; held ephemeral ones are lost).
+const HELD_BYTES_PER_ROOM: usize = 4 * 1024 * 1024;
+/// Bytes of live messages held by all the node's rooms together.
+const HELD_BYTES_PER_NODE: usize = 64 * 1024 * 1024;
 /// Earlier epochs of a room remembered, so that late messages of a replaced epoch are recognised.
 const RETIRED_EPOCHS: usize = 4;
 
@@ -74,12 +77,55 @@ pub(super) struct Fault {
 }
 
 /// Live messages of a room that waits for a read, in arrival order.
-#[derive(Default)]
 struct Held {
     messages: VecDeque<Vec<u8>>,
     bytes: usize,
     /// Some were dropped at the bound: the read must be repeated.
     dropped: bool,
+    /// Bytes held by all rooms of the node (this one's `bytes` included; given back on drop).
+    total: Arc<AtomicUsize>,
+}
+
+impl Held {
+    fn new(total: Arc<AtomicUsize>) -> Self {
+        Self {
+            messages: VecDeque::new(),
+            bytes: 0,
+            dropped: false,
+            total,
+        }
+    }
+
+    /// An empty one sharing the node's count.
+    fn fresh(&self) -> Self {
+        Self::new(self.total.clone())
+    }
+
+    /// Holds `message`, or at a bound drops everything held (the room will be read again).
+    fn push(&mut self, message: &[u8]) {
+        if self.dropped {
+            return;
+        }
+        let len = message.len();
+        if self.bytes + len > HELD_BYTES_PER_ROOM
+            || self.total.load(Ordering::Relaxed) + len > HELD_BYTES_PER_NODE
+        {
+            self.total.fetch_sub(self.bytes, Ordering::Relaxed);
+            self.messages = VecDeque::new();
+            self.bytes = 0;
+            self.dropped = true;
+            return;
+        }
+        self.total.fetch_add(len, Ordering::Relaxed);
+        self.bytes += len;
+        self.messages.push_back(message.to_vec());
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 pub(super) struct Slot {
@@ -140,7 +186,8 @@ impl Slot {
     /// Offers the held messages (in order; what was offered already is dropped by [`Feed::admit`]).
     /// Returns false when some had been dropped at the bound (the room must be read again).
     fn release_held(&mut self, room: &Arc<str>) -> bool {
-        let held = std::mem::take(&mut self.held);
+        let fresh = self.held.fresh();
+        let held = std::mem::replace(&mut self.held, fresh);
         for message in &held.messages {
             self.offer_message(room, message);
         }
@@ -228,6 +275,8 @@ pub(crate) struct RoomTable {
     pub(super) slots: Mutex<HashMap<Arc<str>, Slot>>,
     next_lease: AtomicU64,
     commands: mpsc::UnboundedSender<Command>,
+    /// Bytes of live messages held by all rooms (see [`HELD_BYTES_PER_NODE`]).
+    held_total: Arc<AtomicUsize>,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -245,6 +294,7 @@ impl RoomTable {
                 slots: Mutex::new(HashMap::new()),
                 next_lease: AtomicU64::new(0),
                 commands,
+                held_total: Arc::new(AtomicUsize::new(0)),
             }),
             rx,
         )
@@ -268,7 +318,7 @@ impl RoomTable {
                     Slot {
                         sinks: Vec::new(),
                         state: SlotState::Pending(Vec::new()),
-                        held: Held::default(),
+                        held: Held::new(self.held_total.clone()),
                     },
                 );
                 metrics::gauge!(ROOMS_LOCAL).increment(1.0);
@@ -343,15 +393,7 @@ impl RoomTable {
             return;
         };
         if slot.holding() {
-            let held = &mut slot.held;
-            if held.bytes + message.len() > HELD_BYTES {
-                held.messages.clear();
-                held.bytes = 0;
-                held.dropped = true;
-            } else if !held.dropped {
-                held.bytes += message.len();
-                held.messages.push_back(message.to_vec());
-            }
+            slot.held.push(message);
             return;
         }
         slot.offer_message(&key, message);
@@ -419,7 +461,8 @@ impl RoomTable {
                         since: Instant::now(),
                         reset_sent: false,
                     });
-                    slot.held = Held::default();
+                    let fresh = slot.held.fresh();
+                    slot.held = fresh;
                     marked.push(room.clone());
                 }
             }
@@ -655,6 +698,11 @@ mod tests {
         };
         assert_eq!(table.fill(gap), Filled::Done);
         assert_eq!(ids(&mut inbox), ["e:11-0", "e:12-0", "e:12-0.1"]);
+        assert_eq!(
+            table.held_total.load(Ordering::Relaxed),
+            0,
+            "held bytes given back"
+        );
 
         // Late copies are dropped; the next events pass.
         table.deliver("r", b"e:11-0.1\n");
