@@ -15,6 +15,9 @@ use lamplight::proto::v1::{
 use redis_support::*;
 use support::*;
 use tonic::Streaming;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 fn task(room: &str, n: usize) -> Event {
     task_event(room, &format!("task-{n}"))
@@ -175,4 +178,137 @@ async fn statuses_are_published_once_per_transition_on_a_cluster() {
     let mut svc = a.client(&publisher_token()).await;
     let marker = publish(&mut svc, "tenant:t1", 0, "").await;
     assert_eq!(next_event(&mut statuses).await.id, marker);
+}
+
+async fn health(server: &TestServer) -> ServingStatus {
+    let mut client = HealthClient::new(server.channel().await);
+    client
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health answers")
+        .into_inner()
+        .status()
+}
+
+async fn wait_health(server: &TestServer, want: ServingStatus) {
+    eventually(
+        Duration::from_secs(30),
+        &format!("health {want:?}"),
+        || async { health(server).await == want },
+    )
+    .await;
+}
+
+/// Issue 10, item 3: one failing shard stopped every room (the node's catch-up stopped at the first
+/// failing room and retried for ever, delivering nothing and taking no new Subscribe). With one master
+/// killed, rooms on the other shards keep flowing and new streams on them open; a new stream on the
+/// dead shard fails with UNAVAILABLE; an open stream gets a Reset for its room there; health is
+/// NOT_SERVING while a local stream is in a room it cannot deliver, SERVING again once none is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_shard_costs_only_its_own_rooms() {
+    let mut cluster = RedisCluster::start().await;
+    let names: Vec<String> = (0..40).map(|i| format!("k{i}")).collect();
+    let room = |name: &str| format!("tenant:t1:channel:{name}");
+    let dead = cluster.owner(&room_channel(&room(&names[0]))).await;
+    let (mut on_dead, mut on_live) = (Vec::new(), Vec::new());
+    for name in &names {
+        let r = room(name);
+        if cluster.owner(&room_channel(&r)).await == dead {
+            on_dead.push(r);
+        } else {
+            on_live.push(r);
+        }
+    }
+    assert!(
+        on_dead.len() >= 2 && on_live.len() >= 2,
+        "rooms on both sides"
+    );
+    // A node whose own health probe goes through a live shard.
+    let mut node_id = None;
+    for i in 0..100 {
+        let id = format!("node{i}");
+        if cluster
+            .owner(&format!("lamplight:node:{{{id}}}:health"))
+            .await
+            != dead
+        {
+            node_id = Some(id);
+            break;
+        }
+    }
+    let a = TestServer::start_with(|c| {
+        use_cluster(c, &cluster);
+        c.redis.redis_node_id = node_id;
+    })
+    .await;
+    let mut claims = user_claims("u1");
+    claims.channels = names.clone();
+    let mut user = a.client(&sign(&claims)).await;
+    let mut svc = a.client(&publisher_token()).await;
+    let (live1, live2, dead1, dead2) = (&on_live[0], &on_live[1], &on_dead[0], &on_dead[1]);
+    let (mut mixed, _) = subscribe(&mut user, &[live1, dead1], &[]).await.unwrap();
+    let (mut only_live, _) = subscribe(&mut user, &[live1], &[]).await.unwrap();
+    let before = publish(&mut svc, dead1, 0, "").await;
+    assert_eq!(next_event(&mut mixed).await.id, before);
+    wait_health(&a, ServingStatus::Serving).await;
+
+    cluster.nodes[dead].kill();
+    // Rooms on the live shards keep flowing, on both streams.
+    let mut live_ids = Vec::new();
+    for n in 1..6 {
+        let id = publish(&mut svc, live1, n, "").await;
+        assert_eq!(
+            next_event(&mut only_live).await.id,
+            id,
+            "live room, event {n}"
+        );
+        live_ids.push(id);
+    }
+    // A new stream on a live shard opens and gets its events.
+    let (mut fresh, _) =
+        tokio::time::timeout(Duration::from_secs(10), subscribe(&mut user, &[live2], &[]))
+            .await
+            .expect("a Subscribe on a live shard does not hang")
+            .expect("and it succeeds");
+    let id = publish(&mut svc, live2, 0, "").await;
+    assert_eq!(next_event(&mut fresh).await.id, id);
+    // A new stream on the dead shard fails, and does not hang.
+    let refused =
+        tokio::time::timeout(Duration::from_secs(15), subscribe(&mut user, &[dead2], &[]))
+            .await
+            .expect("a Subscribe on the dead shard does not hang");
+    assert_eq!(refused.unwrap_err().code(), tonic::Code::Unavailable);
+    // The open stream: the live room's events in order, and a Reset for its room on the dead shard.
+    let mut got = Vec::new();
+    let mut reset = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while !(reset && got.len() == live_ids.len()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "within 40 s: reset {reset}, live events {got:?}"
+        );
+        match next_non_heartbeat(&mut mixed)
+            .await
+            .expect("the stream stays open")
+        {
+            Kind::Event(e) => {
+                assert_eq!(&e.room, live1);
+                got.push(e.id);
+            }
+            Kind::Reset(r) => {
+                assert_eq!(&r.room, dead1);
+                reset = true;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got, live_ids);
+    // Health: a local stream sits in a room this node cannot deliver.
+    wait_health(&a, ServingStatus::NotServing).await;
+    drop(mixed);
+    wait_health(&a, ServingStatus::Serving).await;
+    let id = publish(&mut svc, live1, 9, "").await;
+    assert_eq!(next_event(&mut only_live).await.id, id);
 }

@@ -11,6 +11,11 @@
 //! It ends (with one `Err` item) only for failures that retrying cannot fix: a room the token may not
 //! join, an invalid room or `since`, a token refused again right after a refresh, or a failing token
 //! source.
+//!
+//! Positions only move forward: an event whose id is not newer than the one remembered for its room (a
+//! duplicate, or one older than what was handed out) is dropped, and a resume map from the server never
+//! moves a room back. Ids are compared within one history (epoch) of the room; an id of another epoch
+//! (the room's history was lost, the server said `Reset`) is taken as it comes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
@@ -97,6 +102,30 @@ type Positions = Mutex<BTreeMap<String, String>>;
 
 fn lock(positions: &Positions) -> MutexGuard<'_, BTreeMap<String, String>> {
     positions.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// An event id split into its room history (epoch) and the numbers that order it within that history:
+/// `{epoch}:{ms}-{seq}[.{n}]` (Redis bus) or `{epoch}-{seq}` (embedded bus). `None` for any other shape.
+fn id_order(id: &str) -> Option<(&str, Vec<u64>)> {
+    let (epoch, rest) = match id.split_once(':') {
+        Some(split) => split,
+        None => id.rsplit_once('-')?,
+    };
+    let numbers = rest
+        .split(['-', '.'])
+        .map(|n| n.parse::<u64>().ok())
+        .collect::<Option<Vec<u64>>>()?;
+    (!epoch.is_empty()).then_some((epoch, numbers))
+}
+
+/// Whether `candidate` may replace `current` as a room's position: true unless both are ids of the same
+/// history and `candidate` is not after `current`. Ids of different histories do not compare (the server
+/// sends a `Reset` when a room's history was lost): the newer one is taken.
+fn moves_forward(current: &str, candidate: &str) -> bool {
+    match (id_order(current), id_order(candidate)) {
+        (Some((a, x)), Some((b, y))) if a == b => y > x,
+        _ => true,
+    }
 }
 
 /// What to do after a stream attempt ended with `status`.
@@ -204,7 +233,14 @@ fn run(
                                 yield Ok(SubscriptionEvent::Connected { rooms: subscribed.rooms });
                             }
                             Some(Kind::Event(event)) => {
-                                lock(&since).insert(event.room.clone(), event.id.clone());
+                                {
+                                    let mut since = lock(&since);
+                                    if since.get(&event.room).is_some_and(|current| !moves_forward(current, &event.id)) {
+                                        tracing::debug!(room = %event.room, id = %event.id, "dropped an event not newer than the room's position");
+                                        continue;
+                                    }
+                                    since.insert(event.room.clone(), event.id.clone());
+                                }
                                 yield Ok(SubscriptionEvent::Event(event));
                             }
                             Some(Kind::Reset(reset)) => {
@@ -228,7 +264,10 @@ fn run(
             if let Some(map) = resume_map(&end) {
                 let mut since = lock(&since);
                 for (room, id) in map {
-                    if !id.is_empty() && rooms.contains(&room) {
+                    if id.is_empty() || !rooms.contains(&room) {
+                        continue;
+                    }
+                    if since.get(&room).is_none_or(|current| moves_forward(current, &id)) {
                         since.insert(room, id);
                     }
                 }
@@ -286,6 +325,28 @@ mod tests {
             Next::Retry
         );
         assert_eq!(next_step(&Status::not_found("x"), false), Next::Fail);
+    }
+
+    #[test]
+    fn positions_only_move_forward_within_a_history() {
+        // Redis ids: a typing event sorts after the stored event it follows and before the next one.
+        assert!(moves_forward("k3:10-3", "k3:10-3.1"));
+        assert!(moves_forward("k3:10-3.1", "k3:10-3.2"));
+        assert!(moves_forward("k3:10-3.2", "k3:10-4"));
+        assert!(moves_forward("k3:10-9", "k3:11-0"));
+        assert!(
+            !moves_forward("k3:10-4", "k3:10-3.7"),
+            "a late typing event"
+        );
+        assert!(!moves_forward("k3:10-4", "k3:10-4"), "a duplicate");
+        assert!(!moves_forward("k3:11-0", "k3:10-9"));
+        // Embedded bus ids.
+        assert!(moves_forward("ab12-9", "ab12-10"));
+        assert!(!moves_forward("ab12-10", "ab12-9"));
+        // Another history (the room was lost and recreated), or an id of unknown shape: taken as is.
+        assert!(moves_forward("k3:10-4", "z9:0-1"));
+        assert!(moves_forward("k3:10-4", "opaque"));
+        assert!(moves_forward("opaque", "k3:1-0"));
     }
 
     #[test]

@@ -89,7 +89,7 @@ impl EventApi {
         let mut replays = Vec::with_capacity(rooms.len());
         let mut leases: Vec<Lease> = Vec::with_capacity(rooms.len());
         let mut position: BTreeMap<String, String> = BTreeMap::new();
-        let mut skip: HashMap<Arc<str>, Position> = HashMap::new();
+        let mut newest = Newest::default();
         let mut aliases = Aliases::default();
         for (room, (since, feed)) in rooms.iter().zip(feeds) {
             if room.name != room.canonical {
@@ -103,7 +103,7 @@ impl EventApi {
                 _ => None,
             };
             if let Some(through) = feed.skip_through {
-                skip.insert(room.canonical.as_str().into(), through);
+                newest.seed(room.canonical.as_str().into(), through);
             }
             first.push(RoomPosition {
                 room: room.name.clone(),
@@ -176,6 +176,8 @@ impl EventApi {
                             }
                         }
                         Ok(Page::Reset(reason)) => {
+                            // The history went while it was read: the room stands at its end.
+                            position.insert(room.clone(), last_event_id.clone());
                             yield Ok(SharedResponse::from_message(Kind::Reset(Reset { room: room.clone(), reason })));
                             break;
                         }
@@ -187,7 +189,6 @@ impl EventApi {
                         }
                     }
                 }
-                position.insert(room, last_event_id);
             }
             if let Some(end) = replay_end {
                 metrics.ended(end);
@@ -248,7 +249,7 @@ impl EventApi {
                 };
                 match item {
                     RoomItem::Event(event) => {
-                        if skip.get(&event.room).is_some_and(|through| event.pos <= *through) {
+                        if !newest.advance(&event) {
                             continue;
                         }
                         if let Some(last) = position.get_mut(aliases.name(&event.room)) {
@@ -258,6 +259,8 @@ impl EventApi {
                         yield Ok(aliases.frame(event));
                     }
                     RoomItem::Reset { room, reason } => {
+                        // What follows a Reset may start over (a new epoch of the room's history).
+                        newest.forget(&room);
                         yield Ok(SharedResponse::from_message(Kind::Reset(Reset {
                             room: aliases.name(&room).to_owned(),
                             reason: reason.to_string(),
@@ -351,6 +354,52 @@ impl Aliases {
     }
 }
 
+/// Per room, the newest event a stream delivered (first: the end of its replay). Anything at or before it
+/// is dropped, so the ids on the wire, and the resume position, only ever move forward.
+#[derive(Default)]
+struct Newest(HashMap<Arc<str>, (Position, Option<String>)>);
+
+impl Newest {
+    /// Live items at or before `through` were replayed already.
+    fn seed(&mut self, room: Arc<str>, through: Position) {
+        self.0.insert(room, (through, None));
+    }
+
+    /// Whether `event` is newer than what this stream delivered in its room; it becomes the newest if so.
+    /// Several ephemeral events can share a position (those after one stored event): at an equal
+    /// position only the same event again, or the replay's end, is old.
+    fn advance(&mut self, event: &StoredEvent) -> bool {
+        match self.0.get_mut(&event.room) {
+            None => {
+                self.0
+                    .insert(event.room.clone(), (event.pos, Some(event.id.clone())));
+            }
+            Some((pos, last)) => {
+                let old = match event.pos.cmp(pos) {
+                    std::cmp::Ordering::Less => true,
+                    std::cmp::Ordering::Equal => last.as_ref().is_none_or(|l| *l == event.id),
+                    std::cmp::Ordering::Greater => false,
+                };
+                if old {
+                    return false;
+                }
+                *pos = event.pos;
+                // `clone_from` reuses the buffer: no allocation per event.
+                match last {
+                    Some(last) => last.clone_from(&event.id),
+                    None => *last = Some(event.id.clone()),
+                }
+            }
+        }
+        true
+    }
+
+    /// After a `Reset` positions may start over.
+    fn forget(&mut self, room: &str) {
+        self.0.remove(room);
+    }
+}
+
 /// Presence of one stream: counted on open, removed (in the background) when the stream is dropped.
 struct PresenceGuard {
     bus: Arc<dyn Bus>,
@@ -398,5 +447,47 @@ impl Drop for PresenceGuard {
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::v1::Event;
+
+    fn event(room: &str, id: &str, major: u64, minor: u64) -> Arc<StoredEvent> {
+        let e = Event {
+            id: id.into(),
+            room: room.into(),
+            ..Default::default()
+        };
+        Arc::new(StoredEvent::new(Position { major, minor }, room.into(), &e))
+    }
+
+    #[test]
+    fn a_stream_only_moves_forward_per_room() {
+        let mut newest = Newest::default();
+        newest.seed(
+            "r".into(),
+            Position {
+                major: 10,
+                minor: 4,
+            },
+        );
+        // At or before the replay's end: already delivered.
+        assert!(!newest.advance(&event("r", "e:10-1", 10, 2)));
+        assert!(!newest.advance(&event("r", "e:10-2", 10, 4)));
+        // Two ephemeral events after one stored event share a position; the same one twice does not pass.
+        assert!(newest.advance(&event("r", "e:10-2.1", 10, 5)));
+        assert!(!newest.advance(&event("r", "e:10-2.1", 10, 5)));
+        assert!(newest.advance(&event("r", "e:10-2.2", 10, 5)));
+        assert!(newest.advance(&event("r", "e:11-0", 11, 0)));
+        // A typing event from before it, late: dropped (it would move the resume position back).
+        assert!(!newest.advance(&event("r", "e:10-2.3", 10, 5)));
+        // Other rooms are independent; a room without a seed takes its first event.
+        assert!(newest.advance(&event("q", "e:1-0", 1, 0)));
+        // After a Reset a new epoch starts low again.
+        newest.forget("r");
+        assert!(newest.advance(&event("r", "f:1-0", 1, 0)));
     }
 }

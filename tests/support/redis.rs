@@ -259,6 +259,10 @@ impl RedisCluster {
                     conf.to_string_lossy().into_owned(),
                     "--cluster-node-timeout".into(),
                     "5000".into(),
+                    // With a master stopped, the other shards keep serving their slots (the tests
+                    // check that rooms there keep flowing).
+                    "--cluster-require-full-coverage".into(),
+                    "no".into(),
                 ],
                 child: None,
             };
@@ -320,6 +324,43 @@ impl RedisCluster {
             .map(|n| n.url())
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// Index in [`Self::nodes`] of the master serving `key`'s slot.
+    pub async fn owner(&self, key: &str) -> usize {
+        let mut c = self.nodes[0].conn().await;
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .expect("CLUSTER KEYSLOT");
+        for i in 0..self.nodes.len() {
+            if self.owns(i, slot).await {
+                return i;
+            }
+        }
+        panic!("no master owns slot {slot}");
+    }
+
+    /// Whether node `i` lists itself as serving `slot` (`CLUSTER NODES`, its `myself` line).
+    async fn owns(&self, i: usize, slot: i64) -> bool {
+        let mut c = self.nodes[i].conn().await;
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut c)
+            .await
+            .expect("CLUSTER NODES");
+        let Some(me) = nodes.lines().find(|l| l.contains("myself")) else {
+            return false;
+        };
+        me.split_whitespace().skip(8).any(|range| {
+            let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+            match (lo.parse::<i64>(), hi.parse::<i64>()) {
+                (Ok(lo), Ok(hi)) => (lo..=hi).contains(&slot),
+                _ => false,
+            }
+        })
     }
 
     /// Sharded subscribers of `channel`, summed over the masters (only the slot's owner has any).

@@ -5,6 +5,10 @@
 //! probes come back: that proves Redis accepts publishes *and* the subscriber connection delivers. A
 //! subscriber connection that is open but wedged fails the probe too; after [`REBUILD_AFTER`] such
 //! failures in a row (publish accepted, message never seen) the subscriber is told to replace it.
+//!
+//! The shards that hold this node's rooms matter too: while any room with a local stream is faulted (the
+//! subscriber cannot re-subscribe it or read what it missed, e.g. its shard is down) the bus is unhealthy,
+//! even if the probe's own shard answers.
 
 use std::time::Duration;
 
@@ -26,6 +30,8 @@ pub(crate) struct Prober {
     pub(crate) sharded: bool,
     pub(crate) timeout: Duration,
     pub(crate) seen: watch::Receiver<u64>,
+    /// Rooms with local streams that the subscriber cannot deliver now.
+    pub(crate) rooms_down: watch::Receiver<usize>,
     pub(crate) healthy: watch::Sender<bool>,
     pub(crate) commands: mpsc::UnboundedSender<Command>,
     pub(crate) cancel: CancellationToken,
@@ -38,30 +44,34 @@ impl Prober {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut nonce = 0u64;
         let mut wedged = 0u32;
+        let mut verdict = Probe::Ok;
         loop {
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            nonce += 1;
-            let verdict = self.probe(nonce).await;
-            let ok = matches!(verdict, Probe::Ok);
-            if let Probe::NotReceived = verdict {
-                wedged += 1;
-                if wedged >= REBUILD_AFTER {
-                    wedged = 0;
-                    let _ = self.commands.send(Command::Rebuild);
+                _ = tick.tick() => {
+                    nonce += 1;
+                    verdict = self.probe(nonce).await;
+                    if let Probe::NotReceived = verdict {
+                        wedged += 1;
+                        if wedged >= REBUILD_AFTER {
+                            wedged = 0;
+                            let _ = self.commands.send(Command::Rebuild);
+                        }
+                    } else {
+                        wedged = 0;
+                    }
                 }
-            } else {
-                wedged = 0;
+                changed = self.rooms_down.changed() => if changed.is_err() { return },
             }
+            let rooms_down = *self.rooms_down.borrow_and_update();
+            let ok = matches!(verdict, Probe::Ok) && rooms_down == 0;
             self.healthy.send_if_modified(|h| {
                 let changed = *h != ok;
                 if changed {
                     if ok {
                         tracing::info!("Redis bus healthy again");
                     } else {
-                        tracing::warn!(?verdict, "Redis bus unhealthy");
+                        tracing::warn!(?verdict, rooms_down, "Redis bus unhealthy");
                     }
                 }
                 *h = ok;

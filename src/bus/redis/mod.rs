@@ -105,6 +105,7 @@ impl RedisBus {
         let cancel = CancellationToken::new();
         let (table, commands) = RoomTable::new();
         let (seen_tx, seen_rx) = watch::channel(0u64);
+        let (rooms_down_tx, rooms_down) = watch::channel(0usize);
         let health_channel = keys::health_channel(&node);
         let subscriber = Subscriber::connect(SubscriberParts {
             table: table.clone(),
@@ -116,6 +117,7 @@ impl RedisBus {
             health_channel: health_channel.clone(),
             probe_seen: seen_tx,
             push_queue_bytes: options.push_queue_bytes,
+            rooms_down: rooms_down_tx,
             cancel: cancel.clone(),
         })
         .await?;
@@ -129,6 +131,7 @@ impl RedisBus {
                 sharded: settings.sharded,
                 timeout,
                 seen: seen_rx,
+                rooms_down,
                 healthy: healthy_tx,
                 commands: table.command_sender(),
                 cancel: cancel.clone(),

@@ -2,14 +2,19 @@
 //!
 //! The first local stream of a room creates its slot (pending) and asks the subscriber task to subscribe;
 //! it waits until Redis confirmed, later streams of the room just add their sink. When the last one
-//! leaves, the slot goes and the task unsubscribes: one Redis subscription per room per node. A live slot
-//! remembers the room's epoch and the last stored event offered to its sinks, so that messages arriving
-//! twice (live and from a catch-up read) are offered once, and so that after a disconnection the task
-//! knows where to read the room's stream from.
+//! leaves, the slot goes and the task unsubscribes: one Redis subscription per room per node.
+//!
+//! Order: a live slot remembers the room's epoch, the last stored event offered (where a catch-up read
+//! starts) and the last event offered at all, stored or ephemeral. Nothing at or before that is offered
+//! again, so every sink sees a room's ids strictly increasing even when live messages and a catch-up read
+//! overlap. While a room waits for its subscription or for the catch-up read after a fault, its live
+//! messages are *held* (bounded in bytes) and offered after the read, minus what the read covered. A fault
+//! the node cannot repair costs the room's streams a `Reset`, never a silent gap.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -18,6 +23,15 @@ use super::scripts;
 use super::stored_event;
 use crate::bus::{RoomItem, Sink};
 use crate::metrics::ROOMS_LOCAL;
+
+/// Bytes of live messages held per room while it waits for a read; past it (or past
+/// [`HELD_BYTES_PER_NODE`] for all rooms together) the room's held messages are dropped and it is read
+/// again (history covers stored events; held ephemeral ones are lost).
+const HELD_BYTES_PER_ROOM: usize = 4 * 1024 * 1024;
+/// Bytes of live messages held by all the node's rooms together.
+const HELD_BYTES_PER_NODE: usize = 64 * 1024 * 1024;
+/// Earlier epochs of a room remembered, so that late messages of a replaced epoch are recognised.
+const RETIRED_EPOCHS: usize = 4;
 
 /// Requests to the subscriber task.
 #[derive(Debug)]
@@ -33,18 +47,227 @@ pub(crate) enum Command {
 pub(super) type Waiter = oneshot::Sender<Result<(), String>>;
 
 pub(super) enum SlotState {
-    /// Waiting for the subscription.
+    /// Waiting for the subscription (live messages are held meanwhile).
     Pending(Vec<Waiter>),
-    /// Subscribed; live events at or before `delivered` (a stored event of `epoch`) were already offered.
-    Live {
-        epoch: Arc<str>,
-        delivered: StreamId,
-    },
+    /// Subscribed.
+    Live(Feed),
+}
+
+/// Where a subscribed room's feed stands on this node.
+pub(super) struct Feed {
+    /// The room's epoch in Redis.
+    pub(super) epoch: Arc<str>,
+    /// Epochs the room had before (newest last): their messages are stale.
+    retired: Vec<Arc<str>>,
+    /// The last stored event offered (or the room's position when subscribed): catch-up reads start here.
+    pub(super) delivered: StreamId,
+    /// The last event offered, stored or ephemeral, as (stream id, ephemeral counter or 0).
+    last: (StreamId, u64),
+    /// Set from a fault (lost connection, dropped pushes) until the room is subscribed again and caught
+    /// up; live messages are held meanwhile.
+    pub(super) fault: Option<Fault>,
+}
+
+/// A room's unrepaired fault.
+pub(super) struct Fault {
+    /// When it happened.
+    since: Instant,
+    /// Whether the room's streams got a `Reset` for it.
+    reset_sent: bool,
+}
+
+/// Live messages of a room that waits for a read, in arrival order.
+struct Held {
+    messages: VecDeque<Vec<u8>>,
+    bytes: usize,
+    /// Some were dropped at the bound: the read must be repeated.
+    dropped: bool,
+    /// Bytes held by all rooms of the node (this one's `bytes` included; given back on drop).
+    total: Arc<AtomicUsize>,
+}
+
+impl Held {
+    fn new(total: Arc<AtomicUsize>) -> Self {
+        Self {
+            messages: VecDeque::new(),
+            bytes: 0,
+            dropped: false,
+            total,
+        }
+    }
+
+    /// An empty one sharing the node's count.
+    fn fresh(&self) -> Self {
+        Self::new(self.total.clone())
+    }
+
+    /// Holds `message`, or at a bound drops everything held (the room will be read again).
+    fn push(&mut self, message: &[u8]) {
+        if self.dropped {
+            return;
+        }
+        let len = message.len();
+        if self.bytes + len > HELD_BYTES_PER_ROOM
+            || self.total.load(Ordering::Relaxed) + len > HELD_BYTES_PER_NODE
+        {
+            self.total.fetch_sub(self.bytes, Ordering::Relaxed);
+            self.messages = VecDeque::new();
+            self.bytes = 0;
+            self.dropped = true;
+            return;
+        }
+        self.total.fetch_add(len, Ordering::Relaxed);
+        self.bytes += len;
+        self.messages.push_back(message.to_vec());
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 pub(super) struct Slot {
     pub(super) sinks: Vec<(u64, Sink)>,
     pub(super) state: SlotState,
+    held: Held,
+}
+
+impl Slot {
+    /// Whether live messages must wait (no confirmed subscription, or a catch-up is due).
+    fn holding(&self) -> bool {
+        match &self.state {
+            SlotState::Pending(_) => true,
+            SlotState::Live(feed) => feed.fault.is_some(),
+        }
+    }
+
+    fn offer(&self, item: RoomItem) {
+        for (_, sink) in &self.sinks {
+            sink.offer(item.clone());
+        }
+    }
+
+    fn reset(&self, room: &Arc<str>, reason: &str) {
+        tracing::warn!(room = %room, reason, "room reset");
+        self.offer(RoomItem::Reset {
+            room: room.clone(),
+            reason: reason.into(),
+        });
+    }
+
+    /// Offers a live message (`{id}\n{payload}`) unless it is not newer than what was offered; a message
+    /// of a new epoch is preceded by a `Reset`.
+    fn offer_message(&mut self, room: &Arc<str>, message: &[u8]) {
+        let Some((id, id_str, payload)) = parse_message(room, message) else {
+            return;
+        };
+        let SlotState::Live(feed) = &mut self.state else {
+            return;
+        };
+        match feed.admit(&id) {
+            Admit::Drop => return,
+            Admit::NewEpoch => self.reset(
+                room,
+                "the room's history in Redis was recreated (expired or lost); events may have been missed",
+            ),
+            Admit::Offer => {}
+        }
+        let event = Arc::new(stored_event(
+            room.clone(),
+            id_str.to_owned(),
+            id.position(),
+            payload,
+        ));
+        self.offer(RoomItem::Event(event));
+    }
+
+    /// Offers the held messages (in order; what was offered already is dropped by [`Feed::admit`]).
+    /// Returns false when some had been dropped at the bound (the room must be read again).
+    fn release_held(&mut self, room: &Arc<str>) -> bool {
+        let fresh = self.held.fresh();
+        let held = std::mem::replace(&mut self.held, fresh);
+        for message in &held.messages {
+            self.offer_message(room, message);
+        }
+        !held.dropped
+    }
+}
+
+/// What [`Feed::admit`] decided about a live event.
+enum Admit {
+    /// Not newer than what was offered (or of a replaced epoch, or its stored predecessors are missing).
+    Drop,
+    Offer,
+    /// The first event of a new epoch: offer it after a `Reset`.
+    NewEpoch,
+}
+
+impl Feed {
+    fn new(epoch: Arc<str>, position: StreamId) -> Self {
+        Self {
+            epoch,
+            retired: Vec::new(),
+            delivered: position,
+            last: (position, 0),
+            fault: None,
+        }
+    }
+
+    fn retire(&mut self, epoch: Arc<str>) {
+        let old = std::mem::replace(&mut self.epoch, epoch);
+        self.retired.retain(|e| *e != self.epoch);
+        self.retired.push(old);
+        if self.retired.len() > RETIRED_EPOCHS {
+            self.retired.remove(0);
+        }
+    }
+
+    /// Whether a live event may be offered now, and the feed's position after it.
+    fn admit(&mut self, id: &EventId<'_>) -> Admit {
+        let key = (id.stream, id.ephemeral.unwrap_or(0));
+        if *self.epoch != *id.epoch {
+            if self.retired.iter().any(|e| **e == *id.epoch) {
+                return Admit::Drop;
+            }
+            // The room was recreated in Redis (expired or flushed) while we stayed subscribed: positions
+            // of the old epoch do not compare with the new ones.
+            self.retire(id.epoch.into());
+            self.delivered = id.stream;
+            self.last = key;
+            return Admit::NewEpoch;
+        }
+        if key <= self.last {
+            return Admit::Drop;
+        }
+        match id.ephemeral {
+            None => self.delivered = id.stream,
+            // It follows stored events this node has not offered (a catch-up read brings them): offered
+            // now, it would come before them.
+            Some(_) if id.stream > self.delivered => return Admit::Drop,
+            Some(_) => {}
+        }
+        self.last = key;
+        Admit::Offer
+    }
+}
+
+fn parse_message<'m>(room: &str, message: &'m [u8]) -> Option<(EventId<'m>, &'m str, &'m [u8])> {
+    let Some(split) = message.iter().position(|&b| b == b'\n') else {
+        tracing::warn!(room, "malformed message on a room channel: no id");
+        return None;
+    };
+    let (id_bytes, payload) = (&message[..split], &message[split + 1..]);
+    let Ok(id_str) = std::str::from_utf8(id_bytes) else {
+        tracing::warn!(room, "malformed message on a room channel: id is not UTF-8");
+        return None;
+    };
+    let Ok(id) = EventId::parse(id_str) else {
+        tracing::warn!(room, id = id_str, "malformed event id on a room channel");
+        return None;
+    };
+    Some((id, id_str, payload))
 }
 
 /// The rooms this node's streams joined. Shared by the bus (attach/detach) and the subscriber task.
@@ -52,6 +275,8 @@ pub(crate) struct RoomTable {
     pub(super) slots: Mutex<HashMap<Arc<str>, Slot>>,
     next_lease: AtomicU64,
     commands: mpsc::UnboundedSender<Command>,
+    /// Bytes of live messages held by all rooms (see [`HELD_BYTES_PER_NODE`]).
+    held_total: Arc<AtomicUsize>,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -69,6 +294,7 @@ impl RoomTable {
                 slots: Mutex::new(HashMap::new()),
                 next_lease: AtomicU64::new(0),
                 commands,
+                held_total: Arc::new(AtomicUsize::new(0)),
             }),
             rx,
         )
@@ -92,6 +318,7 @@ impl RoomTable {
                     Slot {
                         sinks: Vec::new(),
                         state: SlotState::Pending(Vec::new()),
+                        held: Held::new(self.held_total.clone()),
                     },
                 );
                 metrics::gauge!(ROOMS_LOCAL).increment(1.0);
@@ -110,7 +337,7 @@ impl RoomTable {
                 waiters.push(tx);
                 Some(rx)
             }
-            SlotState::Live { .. } => None,
+            SlotState::Live(_) => None,
         };
         drop(slots);
         (
@@ -149,27 +376,14 @@ impl RoomTable {
     pub(super) fn live_rooms(&self) -> Vec<Arc<str>> {
         lock(&self.slots)
             .iter()
-            .filter(|(_, slot)| matches!(slot.state, SlotState::Live { .. }))
+            .filter(|(_, slot)| matches!(slot.state, SlotState::Live(_)))
             .map(|(room, _)| room.clone())
             .collect()
     }
 
-    /// Offers a live message of `room` (`{id}\n{payload}`) to the room's sinks, unless it was already
-    /// offered (a stored event at or before the last one fanned out).
+    /// Offers a live message of `room` (`{id}\n{payload}`) to the room's sinks, unless it is not newer
+    /// than what they were offered; holds it while the room waits for a read.
     pub(super) fn deliver(&self, room: &str, message: &[u8]) {
-        let Some(split) = message.iter().position(|&b| b == b'\n') else {
-            tracing::warn!(room, "malformed message on a room channel: no id");
-            return;
-        };
-        let (id_bytes, payload) = (&message[..split], &message[split + 1..]);
-        let Some(id_str) = std::str::from_utf8(id_bytes).ok() else {
-            tracing::warn!(room, "malformed message on a room channel: id is not UTF-8");
-            return;
-        };
-        let Ok(id) = EventId::parse(id_str) else {
-            tracing::warn!(room, id = id_str, "malformed event id on a room channel");
-            return;
-        };
         let mut slots = lock(&self.slots);
         let Some((key, _)) = slots.get_key_value(room) else {
             return;
@@ -178,26 +392,157 @@ impl RoomTable {
         let Some(slot) = slots.get_mut(&key) else {
             return;
         };
-        let SlotState::Live { epoch, delivered } = &mut slot.state else {
-            // Not confirmed yet: the waiting streams read history after the confirmation.
+        if slot.holding() {
+            slot.held.push(message);
             return;
-        };
-        if **epoch != *id.epoch {
-            // The room was recreated in Redis (flushed or expired) while we stayed subscribed: positions
-            // of the old epoch do not compare with the new ones.
-            *epoch = id.epoch.into();
-            *delivered = id.stream;
-        } else if id.ephemeral.is_none() {
-            if id.stream <= *delivered {
-                return;
-            }
-            *delivered = id.stream;
         }
-        let event = Arc::new(stored_event(key, id_str.to_owned(), id.position(), payload));
-        for (_, sink) in &slot.sinks {
-            sink.offer(RoomItem::Event(event.clone()));
+        slot.offer_message(&key, message);
+    }
+
+    /// A pending room's subscription is confirmed and `read` says where the room stands: it goes live,
+    /// its held messages are offered, its waiting streams released. `fault` (a fault happened while it
+    /// was being subscribed) leaves it due for a catch-up. False when the slot is gone or not pending.
+    pub(super) fn joined(&self, room: &Arc<str>, read: &scripts::ReadResult, fault: bool) -> bool {
+        let mut slots = lock(&self.slots);
+        let Some(slot) = slots.get_mut(room) else {
+            return false;
+        };
+        let SlotState::Pending(waiters) = &mut slot.state else {
+            return false;
+        };
+        let waiters = std::mem::take(waiters);
+        slot.state = SlotState::Live(Feed::new(read.epoch.as_str().into(), read.last));
+        let complete = slot.release_held(room);
+        if fault || !complete {
+            if let SlotState::Live(feed) = &mut slot.state {
+                feed.fault = Some(Fault {
+                    since: Instant::now(),
+                    reset_sent: false,
+                });
+            }
+        }
+        for w in waiters {
+            let _ = w.send(Ok(()));
+        }
+        true
+    }
+
+    /// A pending room could not be subscribed: its waiting streams fail with `reason` (UNAVAILABLE) and
+    /// the slot goes (their leases find none). False when it is not pending.
+    pub(super) fn join_failed(&self, room: &Arc<str>, reason: &str) -> bool {
+        let mut slots = lock(&self.slots);
+        if !matches!(
+            slots.get(room).map(|s| &s.state),
+            Some(SlotState::Pending(_))
+        ) {
+            return false;
+        }
+        let Some(slot) = slots.remove(room) else {
+            return false;
+        };
+        metrics::gauge!(ROOMS_LOCAL).decrement(1.0);
+        if let SlotState::Pending(waiters) = slot.state {
+            for w in waiters {
+                let _ = w.send(Err(reason.to_owned()));
+            }
+        }
+        true
+    }
+
+    /// Marks live rooms (`None`: all) as faulted: their live messages are held until a catch-up read.
+    /// Returns the rooms that were not faulted already.
+    pub(super) fn fault(&self, rooms: Option<&[Arc<str>]>) -> Vec<Arc<str>> {
+        let mut slots = lock(&self.slots);
+        let mut marked = Vec::new();
+        let mut mark = |room: &Arc<str>, slot: &mut Slot| {
+            if let SlotState::Live(feed) = &mut slot.state {
+                if feed.fault.is_none() {
+                    feed.fault = Some(Fault {
+                        since: Instant::now(),
+                        reset_sent: false,
+                    });
+                    let fresh = slot.held.fresh();
+                    slot.held = fresh;
+                    marked.push(room.clone());
+                }
+            }
+        };
+        match rooms {
+            None => {
+                for (room, slot) in slots.iter_mut() {
+                    mark(room, slot);
+                }
+            }
+            Some(rooms) => {
+                for room in rooms {
+                    if let Some(slot) = slots.get_mut(room) {
+                        mark(room, slot);
+                    }
+                }
+            }
+        }
+        marked
+    }
+
+    /// Sends a `Reset` to the streams of rooms faulted for `after` or longer (once per fault), and
+    /// returns when the next one is due, if any room is faulted.
+    pub(super) fn reset_overdue(&self, after: Duration, reason: &str) -> Option<Instant> {
+        let now = Instant::now();
+        let mut next: Option<Instant> = None;
+        let mut slots = lock(&self.slots);
+        for (room, slot) in slots.iter_mut() {
+            let SlotState::Live(Feed {
+                fault: Some(fault), ..
+            }) = &mut slot.state
+            else {
+                continue;
+            };
+            if fault.reset_sent {
+                continue;
+            }
+            let due = fault.since + after;
+            if due <= now {
+                fault.reset_sent = true;
+                slot.reset(room, reason);
+            } else {
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
+        }
+        next
+    }
+
+    /// Live rooms that cannot be delivered now (faulted), for health.
+    pub(super) fn faulted_count(&self) -> usize {
+        lock(&self.slots)
+            .values()
+            .filter(|slot| matches!(&slot.state, SlotState::Live(feed) if feed.fault.is_some()))
+            .count()
+    }
+
+    /// What the slot of `room` is now.
+    pub(super) fn state_of(&self, room: &str) -> RoomState {
+        match lock(&self.slots).get(room).map(|slot| &slot.state) {
+            None => RoomState::Gone,
+            Some(SlotState::Pending(_)) => RoomState::Pending,
+            Some(SlotState::Live(feed)) if feed.fault.is_some() => {
+                RoomState::Faulted(feed.epoch.clone(), feed.delivered)
+            }
+            Some(SlotState::Live(_)) => RoomState::Live,
         }
     }
+}
+
+/// What the subscriber task must do about a room.
+#[derive(Debug)]
+pub(super) enum RoomState {
+    /// No local stream: unsubscribe.
+    Gone,
+    /// Subscribe and read.
+    Pending,
+    /// Catch up from (epoch, last stored event offered).
+    Faulted(Arc<str>, StreamId),
+    /// Nothing to do.
+    Live,
 }
 
 /// Keeps a stream's sink in a room; dropping it detaches the sink (and unsubscribes after the last).
@@ -223,9 +568,21 @@ pub(super) struct Gap {
     pub(super) read: scripts::ReadResult,
 }
 
+/// What became of a [`Gap`].
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Filled {
+    /// Offered; the room is live again.
+    Done,
+    /// Offered, but live messages were dropped meanwhile (or a fault came in between): read again.
+    Again,
+    /// The room is gone or no longer stands where the read started.
+    Stale,
+}
+
 impl RoomTable {
-    /// Offers a gap's events (after a `Reset` if it has one) to the room's sinks.
-    pub(super) fn fill(&self, gap: Gap) {
+    /// Offers a gap's events (after a `Reset` if it has one) to the room's sinks, then the messages held
+    /// meanwhile that are newer.
+    pub(super) fn fill(&self, gap: Gap) -> Filled {
         let Gap {
             room,
             base,
@@ -234,49 +591,160 @@ impl RoomTable {
         } = gap;
         let mut slots = lock(&self.slots);
         let Some(slot) = slots.get_mut(&room) else {
-            return;
+            return Filled::Stale;
         };
-        let SlotState::Live { epoch, delivered } = &mut slot.state else {
-            return;
+        let SlotState::Live(feed) = &mut slot.state else {
+            return Filled::Stale;
         };
-        if (epoch.clone(), *delivered) != base {
-            // Fanned out meanwhile (cannot happen: the subscriber task does both); rather than guess,
-            // the next recovery reads again.
-            return;
+        if feed.fault.is_none() || (feed.epoch.clone(), feed.delivered) != base {
+            return Filled::Stale;
         }
         if let Some(reason) = reset {
-            tracing::warn!(room = %room, reason, "room reset after reconnect");
-            for (_, sink) in &slot.sinks {
-                sink.offer(RoomItem::Reset {
-                    room: room.clone(),
-                    reason: reason.into(),
-                });
+            if *read.epoch != *feed.epoch {
+                feed.retire(read.epoch.as_str().into());
+                feed.delivered = StreamId::default();
+                feed.last = (StreamId::default(), 0);
             }
-            if *read.epoch != **epoch {
-                *epoch = read.epoch.as_str().into();
-                *delivered = StreamId::default();
-            }
+            slot.reset(&room, reason);
         }
+        let SlotState::Live(feed) = &mut slot.state else {
+            return Filled::Stale;
+        };
         let mut missed = 0usize;
-        for (id, payload) in read.entries {
-            if id <= *delivered {
+        for (id, payload) in &read.entries {
+            if *id <= feed.delivered {
                 continue;
             }
-            *delivered = id;
+            feed.delivered = *id;
             missed += 1;
             let event = Arc::new(stored_event(
                 room.clone(),
-                format!("{epoch}:{id}"),
+                format!("{}:{id}", feed.epoch),
                 id.position(false),
-                &payload,
+                payload,
             ));
             for (_, sink) in &slot.sinks {
                 sink.offer(RoomItem::Event(event.clone()));
             }
         }
-        *delivered = (*delivered).max(read.last);
+        feed.delivered = feed.delivered.max(read.last);
+        feed.last = feed.last.max((feed.delivered, 0));
+        let fault = feed.fault.take();
         if missed > 0 {
-            tracing::info!(room = %room, missed, "delivered events missed while disconnected");
+            tracing::info!(room = %room, missed, "delivered events missed during a fault");
         }
+        if slot.release_held(&room) {
+            Filled::Done
+        } else {
+            if let SlotState::Live(feed) = &mut slot.state {
+                feed.fault = fault;
+            }
+            Filled::Again
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::sink;
+
+    fn sid(ms: u64, seq: u64) -> StreamId {
+        StreamId { ms, seq }
+    }
+
+    fn read(epoch: &str, last: StreamId, entries: &[StreamId]) -> scripts::ReadResult {
+        scripts::ReadResult {
+            epoch: epoch.into(),
+            last,
+            trimmed_through: StreamId::default(),
+            entries: entries.iter().map(|id| (*id, Vec::new())).collect(),
+        }
+    }
+
+    fn ids(inbox: &mut crate::bus::SinkReceiver) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(item) = inbox.try_recv() {
+            out.push(match item {
+                RoomItem::Event(e) => e.id.clone(),
+                RoomItem::Reset { .. } => "reset".into(),
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn typing_held_across_a_catch_up_is_not_offered_after_newer_stored_events() {
+        let (table, _commands) = RoomTable::new();
+        let (sink, mut inbox) = sink(100);
+        let (_lease, _wait) = table.attach("r", &sink);
+        let room: Arc<str> = "r".into();
+        assert!(table.joined(&room, &read("e", sid(10, 0), &[]), false));
+        table.deliver("r", b"e:10-0.1\n");
+        assert_eq!(ids(&mut inbox), ["e:10-0.1"]);
+
+        // A fault: live messages wait for the catch-up read.
+        table.fault(None);
+        table.deliver("r", b"e:11-0\n"); // stored, also in the read below
+        table.deliver("r", b"e:11-0.1\n"); // typing, before 12-0
+        table.deliver("r", b"e:12-0\n");
+        table.deliver("r", b"e:12-0.1\n"); // typing after the read's last event: newer
+        assert!(ids(&mut inbox).is_empty(), "held");
+        let gap = Gap {
+            room: room.clone(),
+            base: ("e".into(), sid(10, 0)),
+            reset: None,
+            read: read("e", sid(12, 0), &[sid(11, 0), sid(12, 0)]),
+        };
+        assert_eq!(table.fill(gap), Filled::Done);
+        assert_eq!(ids(&mut inbox), ["e:11-0", "e:12-0", "e:12-0.1"]);
+        assert_eq!(
+            table.held_total.load(Ordering::Relaxed),
+            0,
+            "held bytes given back"
+        );
+
+        // Late copies are dropped; the next events pass.
+        table.deliver("r", b"e:11-0.1\n");
+        table.deliver("r", b"e:12-0.1\n");
+        table.deliver("r", b"e:12-0.2\n");
+        table.deliver("r", b"e:13-0\n");
+        assert_eq!(ids(&mut inbox), ["e:12-0.2", "e:13-0"]);
+
+        // A typing event after stored events this node has not offered waits for them (a catch-up).
+        table.deliver("r", b"e:15-0.1\n");
+        assert!(ids(&mut inbox).is_empty());
+
+        // A new epoch (the room was recreated) comes with a Reset; late messages of the old one are stale.
+        table.deliver("r", b"f:1-0\n");
+        table.deliver("r", b"e:14-0\n");
+        table.deliver("r", b"f:2-0\n");
+        assert_eq!(ids(&mut inbox), ["reset", "f:1-0", "f:2-0"]);
+    }
+
+    #[test]
+    fn a_room_faulted_too_long_gets_one_reset() {
+        let (table, _commands) = RoomTable::new();
+        let (sink, mut inbox) = sink(100);
+        let (_lease, _wait) = table.attach("r", &sink);
+        let room: Arc<str> = "r".into();
+        assert!(table.joined(&room, &read("e", sid(1, 0), &[]), false));
+        table.fault(None);
+        assert_eq!(table.faulted_count(), 1);
+        assert!(table.reset_overdue(Duration::from_secs(60), "x").is_some());
+        assert!(ids(&mut inbox).is_empty());
+        assert!(table.reset_overdue(Duration::ZERO, "x").is_none());
+        assert!(table.reset_overdue(Duration::ZERO, "x").is_none());
+        assert_eq!(ids(&mut inbox), ["reset"]);
+        // Once caught up it delivers again.
+        let gap = Gap {
+            room: room.clone(),
+            base: ("e".into(), sid(1, 0)),
+            reset: None,
+            read: read("e", sid(2, 0), &[sid(2, 0)]),
+        };
+        assert_eq!(table.fill(gap), Filled::Done);
+        assert_eq!(table.faulted_count(), 0);
+        assert_eq!(ids(&mut inbox), ["e:2-0"]);
     }
 }

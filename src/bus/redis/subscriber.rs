@@ -2,39 +2,57 @@
 //! memory.
 //!
 //! The [`Subscriber`] task owns the pub/sub connection. It turns each message into one shared
-//! [`StoredEvent`] and offers it to every local sink of the room (offers never wait). When the connection
-//! drops (a `Disconnection` push), overflows its queue or stops answering health probes, it reconnects
-//! with backoff, re-subscribes every active room, then reads each room's stream from the last event it
-//! fanned out: missed events are delivered in order, duplicates dropped by id, and when the history cannot
-//! cover the gap (trimmed, or Redis lost it) the room's streams get a `Reset`.
+//! [`StoredEvent`](crate::bus::StoredEvent) and offers it to every local sink of the room (offers never
+//! wait). Everything that waits for Redis (subscribing a room and reading where it stands, catching a
+//! room up after a fault, unsubscribing) runs as a *job* beside the task, at most one per room, so one
+//! slow or dead shard never stops the other rooms, nor new `Subscribe`s on healthy shards.
+//!
+//! A fault (the connection dropped, its push queue overflowed, or it was replaced because health probes
+//! stopped coming back) marks every live room *faulted*: its live messages are held, and a job
+//! re-subscribes it and reads its stream from the last event fanned out; missed events are delivered in
+//! order, duplicates dropped by id. When history cannot cover the gap (trimmed, or Redis lost it) the
+//! room's streams get a `Reset`. A room that cannot be caught up within [`RESET_AFTER`] (its shard is
+//! down) gets a `Reset` then, and is retried with backoff until it recovers or its streams leave. Health
+//! (see [`super::health`]) is down while any local room is faulted.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use futures::{FutureExt as _, StreamExt as _};
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{bounded, Conn, PushQueue, PushReceiver, Target};
 use super::ids::StreamId;
 use super::keys::RoomKeys;
-use super::rooms::{lock, Command, Gap, RoomTable, SlotState};
+use super::rooms::{Command, Filled, Gap, RoomState, RoomTable};
 use super::scripts::{self, RoomSettings};
 use crate::bus::BusError;
-use crate::metrics::{REDIS_RECONNECTS, REDIS_SUBSCRIPTIONS, ROOMS_LOCAL};
+use crate::metrics::{REDIS_RECONNECTS, REDIS_SUBSCRIPTIONS};
 
 /// Pushes queued between the subscriber connection and its task (also bounded in bytes: see
 /// `SubscriberParts::push_queue_bytes`); past it the task re-reads the streams.
 const PUSH_QUEUE: usize = 65_536;
-/// Most pending rooms subscribed in one batch.
+/// Most rooms subscribed (or caught up) in one job on a standalone Redis. In a cluster each room has its
+/// own job, so that a dead shard delays only its rooms.
 const SUBSCRIBE_BATCH: usize = 1024;
-/// History reads in flight at once when a batch of rooms is subscribed.
+/// History reads in flight at once within a job.
 const CONCURRENT_READS: usize = 64;
-/// Longest pause between two reconnection attempts.
+/// Jobs in flight at once; further rooms wait their turn.
+const MAX_JOBS: usize = 64;
+/// Longest pause between two attempts at a room (or at a new connection).
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// A faulted room not caught up after this long gets a `Reset` (its streams may have missed events);
+/// it is still retried, and delivers again once its shard answers.
+pub(crate) const RESET_AFTER: Duration = Duration::from_secs(10);
+/// Why such a room is reset.
+const RESET_REASON: &str =
+    "this room's Redis shard has not answered for a while; events may have been missed";
 
 /// The task that owns the pub/sub connection. See the module docs.
 pub(crate) struct Subscriber {
@@ -42,8 +60,34 @@ pub(crate) struct Subscriber {
     sub: Conn,
     queue: PushQueue,
     pushes: PushReceiver,
-    /// Commands taken off the queue while batching subscriptions, handled next.
-    backlog: VecDeque<Command>,
+    jobs: FuturesUnordered<BoxFuture<'static, Done>>,
+    /// Rooms with a job in flight.
+    busy: HashSet<Arc<str>>,
+    /// Busy rooms hit by a fault after their job started: once it is applied they are caught up again.
+    again: HashSet<Arc<str>>,
+    /// Rooms to look at (subscribe, catch up or unsubscribe) when a job slot is free.
+    todo: HashSet<Arc<str>>,
+    /// Rooms (possibly) subscribed on the current connection.
+    subscribed: HashSet<Arc<str>>,
+    /// Faulted rooms that failed to catch up: attempts so far and when to try next.
+    retry: HashMap<Arc<str>, (u32, Instant)>,
+    /// Whether the health channel is subscribed on the current connection (or being subscribed).
+    health: Step,
+    /// Failed attempts at subscribing the health channel in a row, and when to try next.
+    health_retry: (u32, Instant),
+    /// Failed attempts at a new connection, or at subscribing on a standalone one, in a row.
+    failures: u32,
+    /// The connection must be replaced (at `wake`).
+    broken: bool,
+    /// When to look at retries, overdue resets and the connection again.
+    wake: Option<Instant>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Needed,
+    Running,
+    Done,
 }
 
 /// Everything the subscriber task needs besides its connection.
@@ -60,7 +104,21 @@ pub(crate) struct SubscriberParts {
     pub(crate) probe_seen: watch::Sender<u64>,
     /// Bound on the pushes queued, in bytes (`--redis-push-queue-bytes`).
     pub(crate) push_queue_bytes: usize,
+    /// Local rooms that cannot be delivered now (faulted), for health.
+    pub(crate) rooms_down: watch::Sender<usize>,
     pub(crate) cancel: CancellationToken,
+}
+
+/// A finished job.
+enum Done {
+    Joined(Vec<(Arc<str>, Result<scripts::ReadResult, BusError>)>),
+    CaughtUp(Vec<(Arc<str>, Result<Gap, BusError>)>),
+    Unsubscribed(Vec<Arc<str>>),
+    Health(Result<(), BusError>),
+}
+
+fn backoff(attempts: u32) -> Duration {
+    (Duration::from_millis(50) * 2u32.saturating_pow(attempts.min(8))).min(MAX_BACKOFF)
 }
 
 impl Subscriber {
@@ -80,37 +138,54 @@ impl Subscriber {
             sub,
             queue,
             pushes,
-            backlog: VecDeque::new(),
+            jobs: FuturesUnordered::new(),
+            busy: HashSet::new(),
+            again: HashSet::new(),
+            todo: HashSet::new(),
+            subscribed: HashSet::new(),
+            retry: HashMap::new(),
+            health: Step::Done,
+            health_retry: (0, Instant::now()),
+            failures: 0,
+            broken: false,
+            wake: None,
         })
     }
 
     /// Runs until the bus is dropped.
     pub(crate) async fn run(mut self) {
         loop {
-            if let Some(command) = self.backlog.pop_front() {
-                self.on_command(command).await;
-                continue;
-            }
+            self.start_jobs();
+            let wake = self.wake;
             tokio::select! {
                 _ = self.parts.cancel.cancelled() => return,
                 push = self.pushes.recv() => match push {
-                    Some(push) => self.on_push(push).await,
+                    Some(push) => self.on_push(push),
                     // The connection dropped its sender: it is gone for good. Replace it.
-                    None => self.recover(true).await,
+                    None => self.replace_connection().await,
                 },
                 command = self.parts.commands.recv() => match command {
-                    Some(command) => self.on_command(command).await,
+                    Some(command) => {
+                        self.on_command(command).await;
+                        // Take what queued behind it too, so a burst of joins is subscribed in few jobs.
+                        for _ in 0..SUBSCRIBE_BATCH {
+                            let Ok(command) = self.parts.commands.try_recv() else { break };
+                            self.on_command(command).await;
+                        }
+                    }
                     None => return,
                 },
+                Some(done) = self.jobs.next(), if !self.jobs.is_empty() => self.finish(done),
+                _ = sleep_until(wake), if wake.is_some() => self.tick().await,
             }
             if self.queue.take_overflow() {
                 tracing::warn!("pub/sub queue overflowed: re-reading the rooms' streams");
-                self.recover(false).await;
+                self.fault_all();
             }
         }
     }
 
-    async fn on_push(&mut self, push: PushInfo) {
+    fn on_push(&mut self, push: PushInfo) {
         match push.kind {
             PushKind::Message | PushKind::SMessage => {
                 let [Value::BulkString(channel), Value::BulkString(message)] = &push.data[..]
@@ -135,17 +210,18 @@ impl Subscriber {
                 }
             }
             PushKind::Disconnection => {
-                tracing::warn!("Redis pub/sub connection lost: reconnecting");
-                self.recover(false).await;
+                tracing::warn!("Redis pub/sub connection lost: re-subscribing and catching up");
+                metrics::counter!(REDIS_RECONNECTS).increment(1);
+                self.fault_all();
             }
-            // A cluster node moved a sharded subscription away (resharding): subscribe again.
+            // A cluster node moved a sharded subscription away (resharding): subscribe that room again.
             PushKind::SUnsubscribe if self.parts.target.is_cluster() => {
                 if let Some(Value::BulkString(channel)) = push.data.first() {
-                    let live = RoomKeys::room_of_channel(channel).is_some_and(|room| {
-                        self.parts.table.live_rooms().iter().any(|r| &**r == room)
-                    });
-                    if live {
-                        self.recover(false).await;
+                    if let Some(room) = RoomKeys::room_of_channel(channel) {
+                        // Our own unsubscribes come back too, for rooms that are gone.
+                        if matches!(self.parts.table.state_of(room), RoomState::Live) {
+                            self.fault(&[room.into()]);
+                        }
                     }
                 }
             }
@@ -155,232 +231,424 @@ impl Subscriber {
 
     async fn on_command(&mut self, command: Command) {
         match command {
-            Command::Subscribe(room) => self.subscribe(room).await,
-            Command::Unsubscribe(room) => {
-                if lock(&self.parts.table.slots).contains_key(&room) {
-                    return; // Joined again meanwhile; its Subscribe follows.
-                }
-                let channel = RoomKeys::new(&room).channel;
-                if let Err(e) = bounded(
-                    self.parts.timeout,
-                    "unsubscribe",
-                    self.sub.unsubscribe(&channel),
-                )
-                .await
-                {
-                    // A broken connection loses its subscriptions anyway; recovery resubscribes live rooms only.
-                    tracing::debug!(room = %room, error = %e, "unsubscribe failed");
-                }
-                self.count_subscriptions();
+            Command::Subscribe(room) | Command::Unsubscribe(room) => {
+                self.todo.insert(room);
             }
             Command::Rebuild => {
                 tracing::warn!("health probes are published but not received: replacing the pub/sub connection");
-                self.recover(true).await;
+                self.replace_connection().await;
             }
         }
     }
 
-    /// Subscribes pending rooms (`first` and the subscriptions queued right behind it, in one batch, so a
-    /// burst of streams joining many rooms costs few round trips), reads where each room stands (the
-    /// base for catching up later) and releases the streams waiting for them.
-    async fn subscribe(&mut self, first: Arc<str>) {
-        let mut rooms = vec![first];
-        while rooms.len() < SUBSCRIBE_BATCH {
-            match self.parts.commands.try_recv() {
-                Ok(Command::Subscribe(room)) => rooms.push(room),
-                Ok(other) => {
-                    self.backlog.push_back(other);
-                    break;
-                }
-                Err(_) => break,
+    /// Every live room lost (or may have lost) messages: catch them all up.
+    fn fault_all(&mut self) {
+        self.parts.table.fault(None);
+        self.after_fault(self.parts.table.live_rooms());
+    }
+
+    fn fault(&mut self, rooms: &[Arc<str>]) {
+        self.parts.table.fault(Some(rooms));
+        self.after_fault(rooms.to_vec());
+    }
+
+    fn after_fault(&mut self, rooms: Vec<Arc<str>>) {
+        for room in rooms {
+            if self.busy.contains(&room) {
+                self.again.insert(room);
+            } else {
+                self.retry.remove(&room);
+                self.todo.insert(room);
             }
         }
-        rooms.retain(|room| {
-            matches!(
-                lock(&self.parts.table.slots).get(room).map(|s| &s.state),
-                Some(SlotState::Pending(_))
-            )
+        // Pending rooms whose subscription is in flight may have lost it too.
+        for room in &self.busy {
+            if matches!(self.parts.table.state_of(room), RoomState::Pending) {
+                self.again.insert(room.clone());
+            }
+        }
+        // A subscription in flight may have been lost too: the one after it decides.
+        self.health = Step::Needed;
+        self.wake_at(Instant::now() + RESET_AFTER);
+        self.report();
+    }
+
+    fn wake_at(&mut self, at: Instant) {
+        self.wake = Some(self.wake.map_or(at, |w| w.min(at)));
+    }
+
+    fn report(&self) {
+        let down = self.parts.table.faulted_count();
+        self.parts.rooms_down.send_if_modified(|n| {
+            let changed = *n != down;
+            if changed && down == 0 {
+                tracing::info!("Redis pub/sub recovered: every room re-subscribed and caught up");
+            }
+            *n = down;
+            changed
         });
-        if rooms.is_empty() {
+        metrics::gauge!(REDIS_SUBSCRIPTIONS).set(self.subscribed.len() as f64);
+    }
+
+    /// Retries that are due, `Reset`s that are overdue, a connection to replace.
+    async fn tick(&mut self) {
+        self.wake = None;
+        if self.broken {
+            self.replace_connection().await;
+        }
+        let now = Instant::now();
+        if let Some(next) = self.parts.table.reset_overdue(RESET_AFTER, RESET_REASON) {
+            self.wake_at(next.into());
+        }
+        let mut later = Vec::new();
+        for (room, (_, at)) in &self.retry {
+            if *at <= now {
+                self.todo.insert(room.clone());
+            } else {
+                later.push(*at);
+            }
+        }
+        if self.health == Step::Needed {
+            later.push(self.health_retry.1);
+        }
+        if let Some(at) = later.into_iter().min() {
+            self.wake_at(at);
+        }
+    }
+
+    /// Starts jobs for the rooms in `todo` (as many as free job slots allow).
+    fn start_jobs(&mut self) {
+        if self.broken {
             return;
         }
-        let channels: Vec<String> = rooms.iter().map(|r| RoomKeys::new(r).channel).collect();
-        let budget = self.parts.timeout * (2 + (channels.len() / 256) as u32);
-        let subscribed = bounded(budget, "subscribe", self.sub.subscribe(&channels)).await;
-        let reads: Vec<Result<scripts::ReadResult, BusError>> = match subscribed {
-            Ok(()) => {
-                let (timeout, settings) = (self.parts.timeout, self.parts.settings);
-                let reads: Vec<BoxFuture<'static, Result<scripts::ReadResult, BusError>>> = rooms
-                    .iter()
-                    .map(|room| {
-                        let (mut conn, room) = (self.parts.cmd.clone(), room.clone());
-                        async move {
-                            bounded(
-                                timeout,
-                                "read",
-                                scripts::read(&mut conn, &room, None, settings),
-                            )
-                            .await
-                        }
-                        .boxed()
-                    })
-                    .collect();
-                futures::stream::iter(reads)
-                    .buffered(CONCURRENT_READS)
-                    .collect()
-                    .await
+        let now = Instant::now();
+        if self.health == Step::Needed && self.health_retry.1 <= now && self.jobs.len() < MAX_JOBS {
+            self.health = Step::Running;
+            let (mut sub, channel, timeout) = (
+                self.sub.clone(),
+                [self.parts.health_channel.clone()],
+                self.parts.timeout,
+            );
+            self.jobs.push(
+                async move {
+                    Done::Health(
+                        bounded(timeout, "subscribe (health)", sub.subscribe(&channel)).await,
+                    )
+                }
+                .boxed(),
+            );
+        }
+        if self.todo.is_empty() || self.jobs.len() >= MAX_JOBS {
+            return;
+        }
+        let (mut joins, mut gaps, mut leaves) = (Vec::new(), Vec::new(), Vec::new());
+        let todo: Vec<Arc<str>> = self.todo.drain().collect();
+        for room in todo {
+            if self.busy.contains(&room) {
+                continue; // Looked at again when its job is done.
             }
-            Err(e) => {
-                let message = e.to_string();
-                rooms
-                    .iter()
-                    .map(|_| Err(BusError::Unavailable(message.clone())))
-                    .collect()
-            }
-        };
-        // Decide under the lock, await after it.
-        let mut unsubscribe = Vec::new();
-        {
-            let mut slots = lock(&self.parts.table.slots);
-            for ((room, channel), result) in rooms.iter().zip(channels).zip(reads) {
-                let waiters = match slots.get_mut(room).map(|slot| &mut slot.state) {
-                    // Everyone left while we subscribed.
-                    None => {
-                        unsubscribe.push(channel);
-                        continue;
+            match self.parts.table.state_of(&room) {
+                RoomState::Gone => {
+                    self.retry.remove(&room);
+                    if self.subscribed.remove(&room) {
+                        leaves.push(room);
                     }
-                    Some(SlotState::Pending(waiters)) => std::mem::take(waiters),
-                    Some(SlotState::Live { .. }) => continue,
-                };
-                match result {
-                    Ok(read) => {
-                        if let Some(slot) = slots.get_mut(room) {
-                            slot.state = SlotState::Live {
-                                epoch: read.epoch.into(),
-                                delivered: read.last,
-                            };
-                        }
-                        for w in waiters {
-                            let _ = w.send(Ok(()));
-                        }
-                    }
-                    Err(e) => {
-                        // The waiting streams fail with UNAVAILABLE; their leases find no slot.
-                        slots.remove(room);
-                        metrics::gauge!(ROOMS_LOCAL).decrement(1.0);
-                        let message = e.to_string();
-                        for w in waiters {
-                            let _ = w.send(Err(message.clone()));
-                        }
-                        unsubscribe.push(channel);
-                    }
+                }
+                RoomState::Pending => {
+                    self.retry.remove(&room);
+                    joins.push(room);
+                }
+                // Not due yet: `tick` brings it back.
+                RoomState::Faulted(epoch, delivered) => match self.retry.get(&room) {
+                    Some((_, at)) if *at > now => {}
+                    _ => gaps.push((room, epoch, delivered)),
+                },
+                RoomState::Live => {
+                    self.retry.remove(&room);
                 }
             }
         }
-        for channel in unsubscribe {
-            let _ = bounded(
-                self.parts.timeout,
-                "unsubscribe",
-                self.sub.unsubscribe(&channel),
-            )
-            .await;
-        }
-        self.count_subscriptions();
-    }
-
-    fn count_subscriptions(&self) {
-        metrics::gauge!(REDIS_SUBSCRIPTIONS).set(self.parts.table.live_rooms().len() as f64);
-    }
-
-    /// Re-subscribes every live room and fills each room's gap from its stream, retrying with backoff
-    /// until it succeeds (or the bus is dropped). With `fresh`, first replaces the connection.
-    async fn recover(&mut self, mut fresh: bool) {
-        let mut delay = Duration::from_millis(50);
-        let mut attempt = 0u32;
-        loop {
-            if self.parts.cancel.is_cancelled() {
-                return;
+        let cluster = self.parts.target.is_cluster();
+        let batch = if cluster { 1 } else { SUBSCRIBE_BATCH };
+        for chunk in joins.chunks(batch) {
+            if self.jobs.len() >= MAX_JOBS {
+                self.todo.extend(chunk.iter().cloned());
+                continue;
             }
-            attempt += 1;
-            match self.try_recover(fresh).await {
-                Ok(rooms) => {
-                    metrics::counter!(REDIS_RECONNECTS).increment(1);
-                    self.count_subscriptions();
-                    tracing::info!(
-                        rooms,
-                        attempt,
-                        "Redis pub/sub recovered: rooms resubscribed and caught up"
-                    );
-                    return;
+            for room in chunk {
+                self.subscribed.insert(room.clone());
+                self.busy.insert(room.clone());
+            }
+            self.jobs.push(self.join_job(chunk.to_vec()));
+        }
+        for chunk in gaps.chunks(batch) {
+            if self.jobs.len() >= MAX_JOBS {
+                self.todo
+                    .extend(chunk.iter().map(|(room, ..)| room.clone()));
+                continue;
+            }
+            for (room, ..) in chunk {
+                self.subscribed.insert(room.clone());
+                self.busy.insert(room.clone());
+            }
+            self.jobs.push(self.catch_up_job(chunk.to_vec()));
+        }
+        for chunk in leaves.chunks(batch) {
+            if self.jobs.len() >= MAX_JOBS {
+                // Not subscribed any more as far as the next look is concerned: keep it so.
+                self.subscribed.extend(chunk.iter().cloned());
+                self.todo.extend(chunk.iter().cloned());
+                continue;
+            }
+            self.busy.extend(chunk.iter().cloned());
+            self.jobs.push(self.unsubscribe_job(chunk.to_vec()));
+        }
+        self.report();
+    }
+
+    /// Subscribes pending rooms and reads where each stands (the base for catching up later).
+    fn join_job(&self, rooms: Vec<Arc<str>>) -> BoxFuture<'static, Done> {
+        let (mut sub, cmd, timeout, settings) = (
+            self.sub.clone(),
+            self.parts.cmd.clone(),
+            self.parts.timeout,
+            self.parts.settings,
+        );
+        async move {
+            let channels: Vec<String> = rooms.iter().map(|r| RoomKeys::new(r).channel).collect();
+            let budget = timeout * (2 + (channels.len() / 256) as u32);
+            if let Err(e) = bounded(budget, "subscribe", sub.subscribe(&channels)).await {
+                let message = e.to_string();
+                return Done::Joined(
+                    rooms
+                        .into_iter()
+                        .map(|room| (room, Err(BusError::Unavailable(message.clone()))))
+                        .collect(),
+                );
+            }
+            let reads: Vec<BoxFuture<'static, Result<scripts::ReadResult, BusError>>> = rooms
+                .iter()
+                .map(|room| {
+                    let (mut conn, room) = (cmd.clone(), room.clone());
+                    async move {
+                        bounded(
+                            timeout,
+                            "read",
+                            scripts::read(&mut conn, &room, None, settings),
+                        )
+                        .await
+                    }
+                    .boxed()
+                })
+                .collect();
+            let results: Vec<_> = futures::stream::iter(reads)
+                .buffered(CONCURRENT_READS)
+                .collect()
+                .await;
+            Done::Joined(rooms.into_iter().zip(results).collect())
+        }
+        .boxed()
+    }
+
+    /// Re-subscribes faulted rooms and reads what each missed.
+    fn catch_up_job(&self, rooms: Vec<(Arc<str>, Arc<str>, StreamId)>) -> BoxFuture<'static, Done> {
+        let (mut sub, cmd, timeout, settings) = (
+            self.sub.clone(),
+            self.parts.cmd.clone(),
+            self.parts.timeout,
+            self.parts.settings,
+        );
+        async move {
+            let channels: Vec<String> = rooms
+                .iter()
+                .map(|(room, ..)| RoomKeys::new(room).channel)
+                .collect();
+            let budget = timeout * (2 + (channels.len() / 256) as u32);
+            if let Err(e) = bounded(budget, "resubscribe", sub.subscribe(&channels)).await {
+                let message = e.to_string();
+                return Done::CaughtUp(
+                    rooms
+                        .into_iter()
+                        .map(|(room, ..)| (room, Err(BusError::Unavailable(message.clone()))))
+                        .collect(),
+                );
+            }
+            let names: Vec<Arc<str>> = rooms.iter().map(|(room, ..)| room.clone()).collect();
+            let reads: Vec<BoxFuture<'static, Result<Gap, BusError>>> = rooms
+                .into_iter()
+                .map(|(room, epoch, delivered)| {
+                    read_gap(cmd.clone(), timeout, settings, room, epoch, delivered).boxed()
+                })
+                .collect();
+            let results: Vec<_> = futures::stream::iter(reads)
+                .buffered(CONCURRENT_READS)
+                .collect()
+                .await;
+            Done::CaughtUp(names.into_iter().zip(results).collect())
+        }
+        .boxed()
+    }
+
+    fn unsubscribe_job(&self, rooms: Vec<Arc<str>>) -> BoxFuture<'static, Done> {
+        let (mut sub, timeout) = (self.sub.clone(), self.parts.timeout);
+        async move {
+            for room in &rooms {
+                let channel = RoomKeys::new(room).channel;
+                if let Err(e) = bounded(timeout, "unsubscribe", sub.unsubscribe(&channel)).await {
+                    // A broken connection loses its subscriptions anyway.
+                    tracing::debug!(room = %room, error = %e, "unsubscribe failed");
+                }
+            }
+            Done::Unsubscribed(rooms)
+        }
+        .boxed()
+    }
+
+    /// Applies a finished job, and queues whatever its rooms need next.
+    fn finish(&mut self, done: Done) {
+        match done {
+            Done::Health(result) => match result {
+                Ok(()) => {
+                    self.health_retry.0 = 0;
+                    if self.health == Step::Running {
+                        self.health = Step::Done;
+                    }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, attempt, "Redis pub/sub recovery failed; retrying");
-                    // After two failed attempts on the old connection, start from a new one.
-                    fresh = fresh || attempt >= 2;
-                    tokio::select! {
-                        _ = self.parts.cancel.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
+                    tracing::warn!(error = %e, "subscribing the health channel failed; retrying");
+                    self.health = Step::Needed;
+                    let attempts = self.health_retry.0 + 1;
+                    let at = Instant::now() + backoff(attempts);
+                    self.health_retry = (attempts, at);
+                    self.wake_at(at);
+                    self.subscribe_failed();
+                }
+            },
+            Done::Joined(results) => {
+                let mut failed = false;
+                for (room, result) in results {
+                    self.busy.remove(&room);
+                    let fault = self.again.remove(&room);
+                    match result {
+                        Ok(read) => {
+                            if self.parts.table.joined(&room, &read, fault) && fault {
+                                self.wake_at(Instant::now() + RESET_AFTER);
+                            }
+                        }
+                        Err(e) => {
+                            failed |= matches!(e, BusError::Unavailable(_));
+                            // The waiting streams fail with UNAVAILABLE.
+                            self.parts.table.join_failed(&room, &e.to_string());
+                        }
                     }
-                    delay = (delay * 2).min(MAX_BACKOFF);
+                    self.todo.insert(room);
+                }
+                if failed {
+                    self.subscribe_failed();
+                } else {
+                    self.failures = 0;
+                }
+            }
+            Done::CaughtUp(results) => {
+                let mut recovered = 0usize;
+                let mut failed = false;
+                for (room, result) in results {
+                    self.busy.remove(&room);
+                    let again = self.again.remove(&room);
+                    match result {
+                        Ok(gap) => match self.parts.table.fill(gap) {
+                            Filled::Done if again => self.fault(std::slice::from_ref(&room)),
+                            Filled::Done => {
+                                self.retry.remove(&room);
+                                recovered += 1;
+                            }
+                            Filled::Again | Filled::Stale => {}
+                        },
+                        Err(e) => {
+                            failed |= matches!(e, BusError::Unavailable(_));
+                            let attempts = self.retry.get(&room).map_or(0, |(n, _)| *n) + 1;
+                            if attempts == 1 || attempts.is_multiple_of(10) {
+                                tracing::warn!(room = %room, error = %e, attempts, "room not caught up yet; retrying");
+                            }
+                            let at = Instant::now() + backoff(attempts);
+                            self.retry.insert(room.clone(), (attempts, at));
+                            self.wake_at(at);
+                        }
+                    }
+                    self.todo.insert(room);
+                }
+                if recovered > 0 {
+                    tracing::debug!(rooms = recovered, "rooms re-subscribed and caught up");
+                }
+                if failed {
+                    self.subscribe_failed();
+                } else {
+                    self.failures = 0;
+                }
+            }
+            Done::Unsubscribed(rooms) => {
+                for room in rooms {
+                    self.busy.remove(&room);
+                    self.again.remove(&room);
+                    self.todo.insert(room);
                 }
             }
         }
+        self.report();
     }
 
-    async fn try_recover(&mut self, fresh: bool) -> Result<usize, BusError> {
-        if fresh {
-            let (queue, pushes) = PushQueue::new(PUSH_QUEUE, self.parts.push_queue_bytes);
-            let sub = bounded(
-                self.parts.timeout,
-                "connect (subscriber)",
-                Conn::subscriber(&self.parts.target, self.parts.timeout, queue.clone()),
-            )
-            .await?;
-            // Pushes of the old connection are stale now: the catch-up below covers them.
-            self.sub = sub;
-            self.queue = queue;
-            self.pushes = pushes;
+    /// On a standalone Redis every room shares the connection: after repeated failures to reach Redis
+    /// replace it (its manager may have given up reconnecting). A cluster connection reconnects each node itself.
+    fn subscribe_failed(&mut self) {
+        if self.parts.target.is_cluster() {
+            return;
         }
-        let rooms = self.parts.table.live_rooms();
-        let mut channels = Vec::with_capacity(rooms.len() + 1);
-        channels.push(self.parts.health_channel.clone());
-        channels.extend(rooms.iter().map(|r| RoomKeys::new(r).channel));
-        let budget = self.parts.timeout * (2 + (channels.len() / 256) as u32);
-        bounded(budget, "resubscribe", self.sub.subscribe(&channels)).await?;
-        self.catch_up(&rooms).await?;
-        Ok(rooms.len())
+        self.failures += 1;
+        if self.failures >= 2 {
+            self.broken = true;
+            self.wake_at(Instant::now() + backoff(self.failures));
+        }
     }
 
-    /// Offers what each live room missed since the last event it fanned out, or a `Reset` when history
-    /// cannot cover it. Live messages still queued are dropped by id when they arrive.
-    async fn catch_up(&mut self, rooms: &[Arc<str>]) -> Result<(), BusError> {
-        let mut bases = Vec::with_capacity(rooms.len());
-        {
-            let slots = lock(&self.parts.table.slots);
-            for room in rooms {
-                if let Some(SlotState::Live { epoch, delivered }) =
-                    slots.get(room).map(|s| &s.state)
-                {
-                    bases.push((room.clone(), epoch.clone(), *delivered));
-                }
+    /// Replaces the subscriber connection; on failure, tries again later. Every live room is caught up
+    /// on the new one.
+    async fn replace_connection(&mut self) {
+        let (queue, pushes) = PushQueue::new(PUSH_QUEUE, self.parts.push_queue_bytes);
+        let connected = bounded(
+            self.parts.timeout,
+            "connect (subscriber)",
+            Conn::subscriber(&self.parts.target, self.parts.timeout, queue.clone()),
+        )
+        .await;
+        match connected {
+            Ok(sub) => {
+                // Pushes of the old connection are stale now: the catch-up covers them.
+                self.sub = sub;
+                self.queue = queue;
+                self.pushes = pushes;
+                self.broken = false;
+                self.failures = 0;
+                self.subscribed.clear();
+                self.health_retry = (0, Instant::now());
+                metrics::counter!(REDIS_RECONNECTS).increment(1);
+                // Jobs in flight on the old connection are redone on this one (see `after_fault`).
+                self.fault_all();
+            }
+            Err(e) => {
+                self.failures += 1;
+                tracing::warn!(error = %e, attempts = self.failures, "Redis pub/sub reconnect failed; retrying");
+                self.broken = true;
+                self.fault_all();
+                self.wake_at(Instant::now() + backoff(self.failures));
             }
         }
-        let (timeout, settings) = (self.parts.timeout, self.parts.settings);
-        let reads: Vec<BoxFuture<'static, Result<Gap, BusError>>> = bases
-            .into_iter()
-            .map(|(room, epoch, delivered)| {
-                let conn = self.parts.cmd.clone();
-                read_gap(conn, timeout, settings, room, epoch, delivered).boxed()
-            })
-            .collect();
-        let gaps: Vec<Result<Gap, BusError>> = futures::stream::iter(reads)
-            .buffered(CONCURRENT_READS)
-            .collect()
-            .await;
-        for gap in gaps {
-            self.parts.table.fill(gap?);
-        }
-        Ok(())
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => futures::future::pending().await,
     }
 }
 
