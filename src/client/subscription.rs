@@ -256,7 +256,9 @@ fn run(
                                 }
                                 yield Ok(SubscriptionEvent::Reset { room: reset.room, reason: reset.reason });
                             }
-                            Some(Kind::Heartbeat(_)) | None => {}
+                            // Handled by the client's admin support (AdminService.Unsubscribe); until then the
+                            // room simply receives nothing more on this stream.
+                            Some(Kind::Removed(_)) | Some(Kind::Heartbeat(_)) | None => {}
                         }
                     }
                 }

@@ -16,7 +16,152 @@ import type { Message as Message$1 } from "@bufbuild/protobuf";
  * Describes the file lamplight/v1/events.proto.
  */
 export const file_lamplight_v1_events: GenFile = /*@__PURE__*/
-  fileDesc("ChlsYW1wbGlnaHQvdjEvZXZlbnRzLnByb3RvEgxsYW1wbGlnaHQudjEiiQEKEFN1YnNjcmliZVJlcXVlc3QSDQoFcm9vbXMYASADKAkSOAoFc2luY2UYAiADKAsyKS5sYW1wbGlnaHQudjEuU3Vic2NyaWJlUmVxdWVzdC5TaW5jZUVudHJ5GiwKClNpbmNlRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASLFAQoRU3Vic2NyaWJlUmVzcG9uc2USLgoKc3Vic2NyaWJlZBgBIAEoCzIYLmxhbXBsaWdodC52MS5TdWJzY3JpYmVkSAASJAoFZXZlbnQYAiABKAsyEy5sYW1wbGlnaHQudjEuRXZlbnRIABIsCgloZWFydGJlYXQYAyABKAsyFy5sYW1wbGlnaHQudjEuSGVhcnRiZWF0SAASJAoFcmVzZXQYBCABKAsyEy5sYW1wbGlnaHQudjEuUmVzZXRIAEIGCgRraW5kIjcKClN1YnNjcmliZWQSKQoFcm9vbXMYASADKAsyGi5sYW1wbGlnaHQudjEuUm9vbVBvc2l0aW9uIkYKDFJvb21Qb3NpdGlvbhIMCgRyb29tGAEgASgJEhUKDWxhc3RfZXZlbnRfaWQYAiABKAkSEQoJcmVjb3ZlcmVkGAMgASgIIjUKCUhlYXJ0YmVhdBIoCgR0aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIlCgVSZXNldBIMCgRyb29tGAEgASgJEg4KBnJlYXNvbhgCIAEoCSLJAwoFRXZlbnQSCgoCaWQYASABKAkSDAoEcm9vbRgCIAEoCRIMCgR0eXBlGAMgASgJEigKBHRpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhQKDHB1Ymxpc2hlcl9pZBgFIAEoCRIiCgR0YXNrGAogASgLMhIubGFtcGxpZ2h0LnYxLlRhc2tIABIgCgNidWcYCyABKAsyES5sYW1wbGlnaHQudjEuQnVnSAASKAoHZmVhdHVyZRgMIAEoCzIVLmxhbXBsaWdodC52MS5GZWF0dXJlSAASKAoHbWVzc2FnZRgNIAEoCzIVLmxhbXBsaWdodC52MS5NZXNzYWdlSAASMgoMbm90aWZpY2F0aW9uGA4gASgLMhoubGFtcGxpZ2h0LnYxLk5vdGlmaWNhdGlvbkgAEiYKBnR5cGluZxgPIAEoCzIULmxhbXBsaWdodC52MS5UeXBpbmdIABIvCgt1c2VyX3N0YXR1cxgQIAEoCzIYLmxhbXBsaWdodC52MS5Vc2VyU3RhdHVzSAASJgoGY3VzdG9tGBQgASgLMhQubGFtcGxpZ2h0LnYxLkN1c3RvbUgAQgkKB3BheWxvYWQigQEKBFRhc2sSCgoCaWQYASABKAkSEgoKcHJvamVjdF9pZBgCIAEoCRIRCgl0ZW5hbnRfaWQYAyABKAkSDQoFdGl0bGUYBCABKAkSDgoGc3RhdHVzGAUgASgJEhAKCHByaW9yaXR5GAYgASgJEhUKDWNyZWF0ZWRfYnlfaWQYByABKAkigQEKA0J1ZxIKCgJpZBgBIAEoCRISCgpwcm9qZWN0X2lkGAIgASgJEhEKCXRlbmFudF9pZBgDIAEoCRINCgV0aXRsZRgEIAEoCRIOCgZzdGF0dXMYBSABKAkSEAoIc2V2ZXJpdHkYBiABKAkSFgoOcmVwb3J0ZWRfYnlfaWQYByABKAkiWwoHRmVhdHVyZRIKCgJpZBgBIAEoCRISCgpwcm9qZWN0X2lkGAIgASgJEhEKCXRlbmFudF9pZBgDIAEoCRINCgV0aXRsZRgEIAEoCRIOCgZzdGF0dXMYBSABKAkiXQoHTWVzc2FnZRIKCgJpZBgBIAEoCRISCgpjaGFubmVsX2lkGAIgASgJEhEKCXRlbmFudF9pZBgDIAEoCRIRCglhdXRob3JfaWQYBCABKAkSDAoEYm9keRgFIAEoCSJWCgxOb3RpZmljYXRpb24SCgoCaWQYASABKAkSDwoHdXNlcl9pZBgCIAEoCRINCgV0aXRsZRgDIAEoCRIMCgRib2R5GAQgASgJEgwKBGxpbmsYBSABKAkiQAoGVHlwaW5nEhIKCmNoYW5uZWxfaWQYASABKAkSDwoHdXNlcl9pZBgCIAEoCRIRCglpc190eXBpbmcYAyABKAgiiQEKClVzZXJTdGF0dXMSDwoHdXNlcl9pZBgBIAEoCRIvCgZzdGF0dXMYAiABKA4yHy5sYW1wbGlnaHQudjEuVXNlclN0YXR1cy5TdGF0dXMiOQoGU3RhdHVzEhYKElNUQVRVU19VTlNQRUNJRklFRBAAEgoKBk9OTElORRABEgsKB09GRkxJTkUQAiIsCgZDdXN0b20SFAoMY29udGVudF90eXBlGAEgASgJEgwKBGRhdGEYAiABKAwiTQoOUHVibGlzaFJlcXVlc3QSIgoFZXZlbnQYASABKAsyEy5sYW1wbGlnaHQudjEuRXZlbnQSFwoPaWRlbXBvdGVuY3lfa2V5GAIgASgJIh0KD1B1Ymxpc2hSZXNwb25zZRIKCgJpZBgBIAEoCSI7ChBTZXRUeXBpbmdSZXF1ZXN0EhQKDGNoYW5uZWxfcm9vbRgBIAEoCRIRCglpc190eXBpbmcYAiABKAgiEwoRU2V0VHlwaW5nUmVzcG9uc2UiIgoSR2V0UHJlc2VuY2VSZXF1ZXN0EgwKBHJvb20YASABKAkiVQoTR2V0UHJlc2VuY2VSZXNwb25zZRISCgp1c2VyX2NvdW50GAEgASgNEhgKEGNvbm5lY3Rpb25fY291bnQYAiABKA0SEAoIdXNlcl9pZHMYAyADKAkyyAIKDEV2ZW50U2VydmljZRJOCglTdWJzY3JpYmUSHi5sYW1wbGlnaHQudjEuU3Vic2NyaWJlUmVxdWVzdBofLmxhbXBsaWdodC52MS5TdWJzY3JpYmVSZXNwb25zZTABEkYKB1B1Ymxpc2gSHC5sYW1wbGlnaHQudjEuUHVibGlzaFJlcXVlc3QaHS5sYW1wbGlnaHQudjEuUHVibGlzaFJlc3BvbnNlEkwKCVNldFR5cGluZxIeLmxhbXBsaWdodC52MS5TZXRUeXBpbmdSZXF1ZXN0Gh8ubGFtcGxpZ2h0LnYxLlNldFR5cGluZ1Jlc3BvbnNlElIKC0dldFByZXNlbmNlEiAubGFtcGxpZ2h0LnYxLkdldFByZXNlbmNlUmVxdWVzdBohLmxhbXBsaWdodC52MS5HZXRQcmVzZW5jZVJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp]);
+  fileDesc("ChlsYW1wbGlnaHQvdjEvZXZlbnRzLnByb3RvEgxsYW1wbGlnaHQudjEiLQoHVXNlclJlZhIRCgl0ZW5hbnRfaWQYASABKAkSDwoHdXNlcl9pZBgCIAEoCSJXChJVbnN1YnNjcmliZVJlcXVlc3QSIwoEdXNlchgBIAEoCzIVLmxhbXBsaWdodC52MS5Vc2VyUmVmEgwKBHJvb20YAiABKAkSDgoGcmVhc29uGAMgASgJIhUKE1Vuc3Vic2NyaWJlUmVzcG9uc2UiSAoRRGlzY29ubmVjdFJlcXVlc3QSIwoEdXNlchgBIAEoCzIVLmxhbXBsaWdodC52MS5Vc2VyUmVmEg4KBnJlYXNvbhgCIAEoCSIUChJEaXNjb25uZWN0UmVzcG9uc2UifQoTUmV2b2tlVG9rZW5zUmVxdWVzdBIjCgR1c2VyGAEgASgLMhUubGFtcGxpZ2h0LnYxLlVzZXJSZWYSMQoNaXNzdWVkX2JlZm9yZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGcmVhc29uGAMgASgJIhYKFFJldm9rZVRva2Vuc1Jlc3BvbnNlIokBChBTdWJzY3JpYmVSZXF1ZXN0Eg0KBXJvb21zGAEgAygJEjgKBXNpbmNlGAIgAygLMikubGFtcGxpZ2h0LnYxLlN1YnNjcmliZVJlcXVlc3QuU2luY2VFbnRyeRosCgpTaW5jZUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEi7wEKEVN1YnNjcmliZVJlc3BvbnNlEi4KCnN1YnNjcmliZWQYASABKAsyGC5sYW1wbGlnaHQudjEuU3Vic2NyaWJlZEgAEiQKBWV2ZW50GAIgASgLMhMubGFtcGxpZ2h0LnYxLkV2ZW50SAASLAoJaGVhcnRiZWF0GAMgASgLMhcubGFtcGxpZ2h0LnYxLkhlYXJ0YmVhdEgAEiQKBXJlc2V0GAQgASgLMhMubGFtcGxpZ2h0LnYxLlJlc2V0SAASKAoHcmVtb3ZlZBgFIAEoCzIVLmxhbXBsaWdodC52MS5SZW1vdmVkSABCBgoEa2luZCI3CgpTdWJzY3JpYmVkEikKBXJvb21zGAEgAygLMhoubGFtcGxpZ2h0LnYxLlJvb21Qb3NpdGlvbiJGCgxSb29tUG9zaXRpb24SDAoEcm9vbRgBIAEoCRIVCg1sYXN0X2V2ZW50X2lkGAIgASgJEhEKCXJlY292ZXJlZBgDIAEoCCI1CglIZWFydGJlYXQSKAoEdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiJQoFUmVzZXQSDAoEcm9vbRgBIAEoCRIOCgZyZWFzb24YAiABKAkiJwoHUmVtb3ZlZBIMCgRyb29tGAEgASgJEg4KBnJlYXNvbhgCIAEoCSLJAwoFRXZlbnQSCgoCaWQYASABKAkSDAoEcm9vbRgCIAEoCRIMCgR0eXBlGAMgASgJEigKBHRpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhQKDHB1Ymxpc2hlcl9pZBgFIAEoCRIiCgR0YXNrGAogASgLMhIubGFtcGxpZ2h0LnYxLlRhc2tIABIgCgNidWcYCyABKAsyES5sYW1wbGlnaHQudjEuQnVnSAASKAoHZmVhdHVyZRgMIAEoCzIVLmxhbXBsaWdodC52MS5GZWF0dXJlSAASKAoHbWVzc2FnZRgNIAEoCzIVLmxhbXBsaWdodC52MS5NZXNzYWdlSAASMgoMbm90aWZpY2F0aW9uGA4gASgLMhoubGFtcGxpZ2h0LnYxLk5vdGlmaWNhdGlvbkgAEiYKBnR5cGluZxgPIAEoCzIULmxhbXBsaWdodC52MS5UeXBpbmdIABIvCgt1c2VyX3N0YXR1cxgQIAEoCzIYLmxhbXBsaWdodC52MS5Vc2VyU3RhdHVzSAASJgoGY3VzdG9tGBQgASgLMhQubGFtcGxpZ2h0LnYxLkN1c3RvbUgAQgkKB3BheWxvYWQigQEKBFRhc2sSCgoCaWQYASABKAkSEgoKcHJvamVjdF9pZBgCIAEoCRIRCgl0ZW5hbnRfaWQYAyABKAkSDQoFdGl0bGUYBCABKAkSDgoGc3RhdHVzGAUgASgJEhAKCHByaW9yaXR5GAYgASgJEhUKDWNyZWF0ZWRfYnlfaWQYByABKAkigQEKA0J1ZxIKCgJpZBgBIAEoCRISCgpwcm9qZWN0X2lkGAIgASgJEhEKCXRlbmFudF9pZBgDIAEoCRINCgV0aXRsZRgEIAEoCRIOCgZzdGF0dXMYBSABKAkSEAoIc2V2ZXJpdHkYBiABKAkSFgoOcmVwb3J0ZWRfYnlfaWQYByABKAkiWwoHRmVhdHVyZRIKCgJpZBgBIAEoCRISCgpwcm9qZWN0X2lkGAIgASgJEhEKCXRlbmFudF9pZBgDIAEoCRINCgV0aXRsZRgEIAEoCRIOCgZzdGF0dXMYBSABKAkiXQoHTWVzc2FnZRIKCgJpZBgBIAEoCRISCgpjaGFubmVsX2lkGAIgASgJEhEKCXRlbmFudF9pZBgDIAEoCRIRCglhdXRob3JfaWQYBCABKAkSDAoEYm9keRgFIAEoCSJWCgxOb3RpZmljYXRpb24SCgoCaWQYASABKAkSDwoHdXNlcl9pZBgCIAEoCRINCgV0aXRsZRgDIAEoCRIMCgRib2R5GAQgASgJEgwKBGxpbmsYBSABKAkiQAoGVHlwaW5nEhIKCmNoYW5uZWxfaWQYASABKAkSDwoHdXNlcl9pZBgCIAEoCRIRCglpc190eXBpbmcYAyABKAgiiQEKClVzZXJTdGF0dXMSDwoHdXNlcl9pZBgBIAEoCRIvCgZzdGF0dXMYAiABKA4yHy5sYW1wbGlnaHQudjEuVXNlclN0YXR1cy5TdGF0dXMiOQoGU3RhdHVzEhYKElNUQVRVU19VTlNQRUNJRklFRBAAEgoKBk9OTElORRABEgsKB09GRkxJTkUQAiIsCgZDdXN0b20SFAoMY29udGVudF90eXBlGAEgASgJEgwKBGRhdGEYAiABKAwiTQoOUHVibGlzaFJlcXVlc3QSIgoFZXZlbnQYASABKAsyEy5sYW1wbGlnaHQudjEuRXZlbnQSFwoPaWRlbXBvdGVuY3lfa2V5GAIgASgJIh0KD1B1Ymxpc2hSZXNwb25zZRIKCgJpZBgBIAEoCSI7ChBTZXRUeXBpbmdSZXF1ZXN0EhQKDGNoYW5uZWxfcm9vbRgBIAEoCRIRCglpc190eXBpbmcYAiABKAgiEwoRU2V0VHlwaW5nUmVzcG9uc2UiIgoSR2V0UHJlc2VuY2VSZXF1ZXN0EgwKBHJvb20YASABKAkiVQoTR2V0UHJlc2VuY2VSZXNwb25zZRISCgp1c2VyX2NvdW50GAEgASgNEhgKEGNvbm5lY3Rpb25fY291bnQYAiABKA0SEAoIdXNlcl9pZHMYAyADKAkyyAIKDEV2ZW50U2VydmljZRJOCglTdWJzY3JpYmUSHi5sYW1wbGlnaHQudjEuU3Vic2NyaWJlUmVxdWVzdBofLmxhbXBsaWdodC52MS5TdWJzY3JpYmVSZXNwb25zZTABEkYKB1B1Ymxpc2gSHC5sYW1wbGlnaHQudjEuUHVibGlzaFJlcXVlc3QaHS5sYW1wbGlnaHQudjEuUHVibGlzaFJlc3BvbnNlEkwKCVNldFR5cGluZxIeLmxhbXBsaWdodC52MS5TZXRUeXBpbmdSZXF1ZXN0Gh8ubGFtcGxpZ2h0LnYxLlNldFR5cGluZ1Jlc3BvbnNlElIKC0dldFByZXNlbmNlEiAubGFtcGxpZ2h0LnYxLkdldFByZXNlbmNlUmVxdWVzdBohLmxhbXBsaWdodC52MS5HZXRQcmVzZW5jZVJlc3BvbnNlMooCCgxBZG1pblNlcnZpY2USUgoLVW5zdWJzY3JpYmUSIC5sYW1wbGlnaHQudjEuVW5zdWJzY3JpYmVSZXF1ZXN0GiEubGFtcGxpZ2h0LnYxLlVuc3Vic2NyaWJlUmVzcG9uc2USTwoKRGlzY29ubmVjdBIfLmxhbXBsaWdodC52MS5EaXNjb25uZWN0UmVxdWVzdBogLmxhbXBsaWdodC52MS5EaXNjb25uZWN0UmVzcG9uc2USVQoMUmV2b2tlVG9rZW5zEiEubGFtcGxpZ2h0LnYxLlJldm9rZVRva2Vuc1JlcXVlc3QaIi5sYW1wbGlnaHQudjEuUmV2b2tlVG9rZW5zUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp]);
+
+/**
+ * A user: `sub` within a tenant (the same `sub` in two tenants is two users).
+ *
+ * @generated from message lamplight.v1.UserRef
+ */
+export type UserRef = Message$1<"lamplight.v1.UserRef"> & {
+  /**
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+
+  /**
+   * @generated from field: string user_id = 2;
+   */
+  userId: string;
+};
+
+/**
+ * Describes the message lamplight.v1.UserRef.
+ * Use `create(UserRefSchema)` to create a new message.
+ */
+export const UserRefSchema: GenMessage<UserRef> = /*@__PURE__*/
+  messageDesc(file_lamplight_v1_events, 0);
+
+/**
+ * @generated from message lamplight.v1.UnsubscribeRequest
+ */
+export type UnsubscribeRequest = Message$1<"lamplight.v1.UnsubscribeRequest"> & {
+  /**
+   * @generated from field: lamplight.v1.UserRef user = 1;
+   */
+  user?: UserRef | undefined;
+
+  /**
+   * `tenant:{tid}:...` or `user:{sub}`-style shorthand in the user's tenant.
+   *
+   * @generated from field: string room = 2;
+   */
+  room: string;
+
+  /**
+   * Shown to the user in `Removed.reason`.
+   *
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message lamplight.v1.UnsubscribeRequest.
+ * Use `create(UnsubscribeRequestSchema)` to create a new message.
+ */
+export const UnsubscribeRequestSchema: GenMessage<UnsubscribeRequest> = /*@__PURE__*/
+  messageDesc(file_lamplight_v1_events, 1);
+
+/**
+ * @generated from message lamplight.v1.UnsubscribeResponse
+ */
+export type UnsubscribeResponse = Message$1<"lamplight.v1.UnsubscribeResponse"> & {
+};
+
+/**
+ * Describes the message lamplight.v1.UnsubscribeResponse.
+ * Use `create(UnsubscribeResponseSchema)` to create a new message.
+ */
+export const UnsubscribeResponseSchema: GenMessage<UnsubscribeResponse> = /*@__PURE__*/
+  messageDesc(file_lamplight_v1_events, 2);
+
+/**
+ * @generated from message lamplight.v1.DisconnectRequest
+ */
+export type DisconnectRequest = Message$1<"lamplight.v1.DisconnectRequest"> & {
+  /**
+   * @generated from field: lamplight.v1.UserRef user = 1;
+   */
+  user?: UserRef | undefined;
+
+  /**
+   * @generated from field: string reason = 2;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message lamplight.v1.DisconnectRequest.
+ * Use `create(DisconnectRequestSchema)` to create a new message.
+ */
+export const DisconnectRequestSchema: GenMessage<DisconnectRequest> = /*@__PURE__*/
+  messageDesc(file_lamplight_v1_events, 3);
+
+/**
+ * @generated from message lamplight.v1.DisconnectResponse
+ */
+export type DisconnectResponse = Message$1<"lamplight.v1.DisconnectResponse"> & {
+};
+
+/**
+ * Describes the message lamplight.v1.DisconnectResponse.
+ * Use `create(DisconnectResponseSchema)` to create a new message.
+ */
+export const DisconnectResponseSchema: GenMessage<DisconnectResponse> = /*@__PURE__*/
+  messageDesc(file_lamplight_v1_events, 4);
+
+/**
+ * @generated from message lamplight.v1.RevokeTokensRequest
+ */
+export type RevokeTokensRequest = Message$1<"lamplight.v1.RevokeTokensRequest"> & {
+  /**
+   * @generated from field: lamplight.v1.UserRef user = 1;
+   */
+  user?: UserRef | undefined;
+
+  /**
+   * Tokens issued before this are refused. Unset: now.
+   *
+   * @generated from field: google.protobuf.Timestamp issued_before = 2;
+   */
+  issuedBefore?: Timestamp | undefined;
+
+  /**
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message lamplight.v1.RevokeTokensRequest.
+ * Use `create(RevokeTokensRequestSchema)` to create a new message.
+ */
+export const RevokeTokensRequestSchema: GenMessage<RevokeTokensRequest> = /*@__PURE__*/
+  messageDesc(file_lamplight_v1_events, 5);
+
+/**
+ * @generated from message lamplight.v1.RevokeTokensResponse
+ */
+export type RevokeTokensResponse = Message$1<"lamplight.v1.RevokeTokensResponse"> & {
+};
+
+/**
+ * Describes the message lamplight.v1.RevokeTokensResponse.
+ * Use `create(RevokeTokensResponseSchema)` to create a new message.
+ */
+export const RevokeTokensResponseSchema: GenMessage<RevokeTokensResponse> = /*@__PURE__*/
+  messageDesc(file_lamplight_v1_events, 6);
 
 /**
  * @generated from message lamplight.v1.SubscribeRequest
@@ -45,7 +190,7 @@ export type SubscribeRequest = Message$1<"lamplight.v1.SubscribeRequest"> & {
  * Use `create(SubscribeRequestSchema)` to create a new message.
  */
 export const SubscribeRequestSchema: GenMessage<SubscribeRequest> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 0);
+  messageDesc(file_lamplight_v1_events, 7);
 
 /**
  * @generated from message lamplight.v1.SubscribeResponse
@@ -78,6 +223,12 @@ export type SubscribeResponse = Message$1<"lamplight.v1.SubscribeResponse"> & {
      */
     value: Reset;
     case: "reset";
+  } | {
+    /**
+     * @generated from field: lamplight.v1.Removed removed = 5;
+     */
+    value: Removed;
+    case: "removed";
   } | { case: undefined; value?: undefined };
 };
 
@@ -86,7 +237,7 @@ export type SubscribeResponse = Message$1<"lamplight.v1.SubscribeResponse"> & {
  * Use `create(SubscribeResponseSchema)` to create a new message.
  */
 export const SubscribeResponseSchema: GenMessage<SubscribeResponse> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 1);
+  messageDesc(file_lamplight_v1_events, 8);
 
 /**
  * First message of every stream: where each room stands.
@@ -105,7 +256,7 @@ export type Subscribed = Message$1<"lamplight.v1.Subscribed"> & {
  * Use `create(SubscribedSchema)` to create a new message.
  */
 export const SubscribedSchema: GenMessage<Subscribed> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 2);
+  messageDesc(file_lamplight_v1_events, 9);
 
 /**
  * @generated from message lamplight.v1.RoomPosition
@@ -139,7 +290,7 @@ export type RoomPosition = Message$1<"lamplight.v1.RoomPosition"> & {
  * Use `create(RoomPositionSchema)` to create a new message.
  */
 export const RoomPositionSchema: GenMessage<RoomPosition> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 3);
+  messageDesc(file_lamplight_v1_events, 10);
 
 /**
  * Sent every --heartbeat-secs so clients and proxies can tell a live stream
@@ -159,7 +310,7 @@ export type Heartbeat = Message$1<"lamplight.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 4);
+  messageDesc(file_lamplight_v1_events, 11);
 
 /**
  * The room's history could not cover `since`: events may have been missed.
@@ -184,7 +335,32 @@ export type Reset = Message$1<"lamplight.v1.Reset"> & {
  * Use `create(ResetSchema)` to create a new message.
  */
 export const ResetSchema: GenMessage<Reset> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 5);
+  messageDesc(file_lamplight_v1_events, 12);
+
+/**
+ * The room was taken off this stream (AdminService.Unsubscribe): no more
+ * events of it arrive here; the stream's other rooms go on. Do not rejoin it.
+ *
+ * @generated from message lamplight.v1.Removed
+ */
+export type Removed = Message$1<"lamplight.v1.Removed"> & {
+  /**
+   * @generated from field: string room = 1;
+   */
+  room: string;
+
+  /**
+   * @generated from field: string reason = 2;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message lamplight.v1.Removed.
+ * Use `create(RemovedSchema)` to create a new message.
+ */
+export const RemovedSchema: GenMessage<Removed> = /*@__PURE__*/
+  messageDesc(file_lamplight_v1_events, 13);
 
 /**
  * @generated from message lamplight.v1.Event
@@ -286,7 +462,7 @@ export type Event = Message$1<"lamplight.v1.Event"> & {
  * Use `create(EventSchema)` to create a new message.
  */
 export const EventSchema: GenMessage<Event> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 6);
+  messageDesc(file_lamplight_v1_events, 14);
 
 /**
  * @generated from message lamplight.v1.Task
@@ -333,7 +509,7 @@ export type Task = Message$1<"lamplight.v1.Task"> & {
  * Use `create(TaskSchema)` to create a new message.
  */
 export const TaskSchema: GenMessage<Task> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 7);
+  messageDesc(file_lamplight_v1_events, 15);
 
 /**
  * @generated from message lamplight.v1.Bug
@@ -380,7 +556,7 @@ export type Bug = Message$1<"lamplight.v1.Bug"> & {
  * Use `create(BugSchema)` to create a new message.
  */
 export const BugSchema: GenMessage<Bug> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 8);
+  messageDesc(file_lamplight_v1_events, 16);
 
 /**
  * @generated from message lamplight.v1.Feature
@@ -417,7 +593,7 @@ export type Feature = Message$1<"lamplight.v1.Feature"> & {
  * Use `create(FeatureSchema)` to create a new message.
  */
 export const FeatureSchema: GenMessage<Feature> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 9);
+  messageDesc(file_lamplight_v1_events, 17);
 
 /**
  * @generated from message lamplight.v1.Message
@@ -454,7 +630,7 @@ export type Message = Message$1<"lamplight.v1.Message"> & {
  * Use `create(MessageSchema)` to create a new message.
  */
 export const MessageSchema: GenMessage<Message> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 10);
+  messageDesc(file_lamplight_v1_events, 18);
 
 /**
  * @generated from message lamplight.v1.Notification
@@ -491,7 +667,7 @@ export type Notification = Message$1<"lamplight.v1.Notification"> & {
  * Use `create(NotificationSchema)` to create a new message.
  */
 export const NotificationSchema: GenMessage<Notification> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 11);
+  messageDesc(file_lamplight_v1_events, 19);
 
 /**
  * @generated from message lamplight.v1.Typing
@@ -518,7 +694,7 @@ export type Typing = Message$1<"lamplight.v1.Typing"> & {
  * Use `create(TypingSchema)` to create a new message.
  */
 export const TypingSchema: GenMessage<Typing> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 12);
+  messageDesc(file_lamplight_v1_events, 20);
 
 /**
  * @generated from message lamplight.v1.UserStatus
@@ -540,7 +716,7 @@ export type UserStatus = Message$1<"lamplight.v1.UserStatus"> & {
  * Use `create(UserStatusSchema)` to create a new message.
  */
 export const UserStatusSchema: GenMessage<UserStatus> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 13);
+  messageDesc(file_lamplight_v1_events, 21);
 
 /**
  * @generated from enum lamplight.v1.UserStatus.Status
@@ -566,7 +742,7 @@ export enum UserStatus_Status {
  * Describes the enum lamplight.v1.UserStatus.Status.
  */
 export const UserStatus_StatusSchema: GenEnum<UserStatus_Status> = /*@__PURE__*/
-  enumDesc(file_lamplight_v1_events, 13, 0);
+  enumDesc(file_lamplight_v1_events, 21, 0);
 
 /**
  * Anything else: an opaque payload with its media type.
@@ -590,7 +766,7 @@ export type Custom = Message$1<"lamplight.v1.Custom"> & {
  * Use `create(CustomSchema)` to create a new message.
  */
 export const CustomSchema: GenMessage<Custom> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 14);
+  messageDesc(file_lamplight_v1_events, 22);
 
 /**
  * @generated from message lamplight.v1.PublishRequest
@@ -617,7 +793,7 @@ export type PublishRequest = Message$1<"lamplight.v1.PublishRequest"> & {
  * Use `create(PublishRequestSchema)` to create a new message.
  */
 export const PublishRequestSchema: GenMessage<PublishRequest> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 15);
+  messageDesc(file_lamplight_v1_events, 23);
 
 /**
  * @generated from message lamplight.v1.PublishResponse
@@ -634,7 +810,7 @@ export type PublishResponse = Message$1<"lamplight.v1.PublishResponse"> & {
  * Use `create(PublishResponseSchema)` to create a new message.
  */
 export const PublishResponseSchema: GenMessage<PublishResponse> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 16);
+  messageDesc(file_lamplight_v1_events, 24);
 
 /**
  * @generated from message lamplight.v1.SetTypingRequest
@@ -656,7 +832,7 @@ export type SetTypingRequest = Message$1<"lamplight.v1.SetTypingRequest"> & {
  * Use `create(SetTypingRequestSchema)` to create a new message.
  */
 export const SetTypingRequestSchema: GenMessage<SetTypingRequest> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 17);
+  messageDesc(file_lamplight_v1_events, 25);
 
 /**
  * @generated from message lamplight.v1.SetTypingResponse
@@ -669,7 +845,7 @@ export type SetTypingResponse = Message$1<"lamplight.v1.SetTypingResponse"> & {
  * Use `create(SetTypingResponseSchema)` to create a new message.
  */
 export const SetTypingResponseSchema: GenMessage<SetTypingResponse> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 18);
+  messageDesc(file_lamplight_v1_events, 26);
 
 /**
  * @generated from message lamplight.v1.GetPresenceRequest
@@ -686,7 +862,7 @@ export type GetPresenceRequest = Message$1<"lamplight.v1.GetPresenceRequest"> & 
  * Use `create(GetPresenceRequestSchema)` to create a new message.
  */
 export const GetPresenceRequestSchema: GenMessage<GetPresenceRequest> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 19);
+  messageDesc(file_lamplight_v1_events, 27);
 
 /**
  * @generated from message lamplight.v1.GetPresenceResponse
@@ -713,7 +889,7 @@ export type GetPresenceResponse = Message$1<"lamplight.v1.GetPresenceResponse"> 
  * Use `create(GetPresenceResponseSchema)` to create a new message.
  */
 export const GetPresenceResponseSchema: GenMessage<GetPresenceResponse> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 20);
+  messageDesc(file_lamplight_v1_events, 28);
 
 /**
  * Rooms, live events with replayable history, typing and presence.
@@ -777,4 +953,51 @@ export const EventService: GenService<{
   },
 }> = /*@__PURE__*/
   serviceDesc(file_lamplight_v1_events, 0);
+
+/**
+ * Membership changes that reach live streams, on the same port. Callers:
+ * role `publisher` (a publisher token with `tid` only for users of that
+ * tenant), or role `admin` for users of the admin's own tenant. Each call
+ * takes effect on every node (with Redis, through a control channel) and
+ * returns once it was handed to them.
+ *
+ * @generated from service lamplight.v1.AdminService
+ */
+export const AdminService: GenService<{
+  /**
+   * Takes `room` off every open stream of the user: each gets `Removed` and
+   * keeps its other rooms.
+   *
+   * @generated from rpc lamplight.v1.AdminService.Unsubscribe
+   */
+  unsubscribe: {
+    methodKind: "unary";
+    input: typeof UnsubscribeRequestSchema;
+    output: typeof UnsubscribeResponseSchema;
+  },
+  /**
+   * Ends every open stream of the user with PERMISSION_DENIED naming the
+   * reason (clients do not reconnect on it).
+   *
+   * @generated from rpc lamplight.v1.AdminService.Disconnect
+   */
+  disconnect: {
+    methodKind: "unary";
+    input: typeof DisconnectRequestSchema;
+    output: typeof DisconnectResponseSchema;
+  },
+  /**
+   * From now on, tokens of the user with `iat` before `issued_before` are
+   * refused (UNAUTHENTICATED) on every node, until they would have expired
+   * anyway; streams opened with such a token end.
+   *
+   * @generated from rpc lamplight.v1.AdminService.RevokeTokens
+   */
+  revokeTokens: {
+    methodKind: "unary";
+    input: typeof RevokeTokensRequestSchema;
+    output: typeof RevokeTokensResponseSchema;
+  },
+}> = /*@__PURE__*/
+  serviceDesc(file_lamplight_v1_events, 1);
 
