@@ -203,6 +203,62 @@ impl JwtConfig {
     }
 }
 
+/// Default seconds between checks of the TLS certificate and key files for changes.
+pub const DEFAULT_TLS_RELOAD_SECS: u64 = 30;
+
+/// TLS on the listening port: gRPC, grpc-web and reflection over HTTPS (ALPN `h2` and `http/1.1`).
+#[derive(Clone, Debug, Args)]
+pub struct TlsConfig {
+    /// PEM certificate chain (leaf first). With `--tls-key-file`, the port speaks TLS only. Reloaded
+    /// when the file changes (cert-manager, certbot), without dropping connections.
+    #[arg(long, env = "LAMPLIGHT_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `--tls-cert-file`.
+    #[arg(long, env = "LAMPLIGHT_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM CA certificates: clients may authenticate with a certificate chaining to them (mTLS), in
+    /// addition to their JWT.
+    #[arg(long, env = "LAMPLIGHT_TLS_CLIENT_CA_FILE", requires = "tls_cert_file")]
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// Refuse TLS handshakes without a client certificate (needs `--tls-client-ca-file`).
+    #[arg(
+        long,
+        env = "LAMPLIGHT_TLS_CLIENT_CERT_REQUIRED",
+        requires = "tls_client_ca_file"
+    )]
+    pub tls_client_cert_required: bool,
+    /// Seconds between checks of the certificate and key files for changes.
+    #[arg(long, env = "LAMPLIGHT_TLS_RELOAD_SECS", default_value_t = DEFAULT_TLS_RELOAD_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub tls_reload_secs: u64,
+}
+
+impl Default for TlsConfig {
+    /// TLS off.
+    fn default() -> Self {
+        Self {
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_ca_file: None,
+            tls_client_cert_required: false,
+            tls_reload_secs: DEFAULT_TLS_RELOAD_SECS,
+        }
+    }
+}
+
+impl TlsConfig {
+    /// The TLS settings, when a certificate and key are configured.
+    pub fn settings(&self) -> Option<crate::tls::TlsSettings> {
+        Some(crate::tls::TlsSettings {
+            cert_file: self.tls_cert_file.clone()?,
+            key_file: self.tls_key_file.clone()?,
+            client_ca_file: self.tls_client_ca_file.clone(),
+            client_cert_required: self.tls_client_cert_required,
+            reload_every: Duration::from_secs(self.tls_reload_secs),
+        })
+    }
+}
+
 /// The Redis bus. Without `--redis-url` the embedded in-memory bus runs (one node).
 #[derive(Clone, Debug, Args)]
 pub struct RedisConfig {
@@ -285,6 +341,10 @@ pub struct Config {
     /// Preflights from other origins get no CORS headers. Empty: no browser origin is allowed.
     #[arg(long, env = "LAMPLIGHT_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
+
+    /// TLS on the one port (off: plain TCP).
+    #[command(flatten)]
+    pub tls: TlsConfig,
 
     /// JWT verification keys and checks.
     #[command(flatten)]
@@ -410,6 +470,7 @@ impl Config {
         Self {
             listen,
             cors_origins: Vec::new(),
+            tls: TlsConfig::default(),
             jwt: JwtConfig::default(),
             history_size: DEFAULT_HISTORY_SIZE,
             history_ttl_secs: DEFAULT_HISTORY_TTL_SECS,

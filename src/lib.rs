@@ -9,7 +9,7 @@
 //! trait, several transports), [`presence`], [`ratelimit`], [`wire`] (pre-encoded responses), [`error`]
 //! (the one mapping to `tonic::Status`), [`server`] (assembly and middleware), [`listener`] (accepting
 //! connections, their limits and settings), [`limits`] (streams per user), [`watchdog`] (ending streams the
-//! server cannot write to), [`shutdown`], [`cli`].
+//! server cannot write to), [`shutdown`], [`tls`], [`cli`].
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod auth;
@@ -32,6 +32,7 @@ pub mod rooms;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+pub mod tls;
 pub mod watchdog;
 pub mod wire;
 

@@ -29,6 +29,7 @@ use crate::config::{
     TCP_KEEPALIVE_INTERVAL_SECS, TCP_KEEPALIVE_RETRIES,
 };
 use crate::metrics::{CONNECTIONS_OPEN, CONNECTIONS_REFUSED};
+use crate::tls::TlsAcceptor;
 use crate::watchdog::ConnectionHandle;
 
 /// After the server asked a connection to close (GOAWAY) because a stream on it could not be written, how
@@ -93,11 +94,12 @@ impl ConnectionSettings {
 
 /// Accepts connections on `listener` and serves `app` on each until `shutdown` is cancelled; then stops
 /// accepting (closing the listening socket), asks every connection to close, and returns once they have,
-/// or after `shutdown_grace`.
+/// or after `shutdown_grace`. With `tls`, every connection speaks TLS first.
 pub async fn serve<S, B>(
     listener: TcpListener,
     app: S,
     settings: ConnectionSettings,
+    tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
 ) where
     S: tower::Service<Request<tonic::body::Body>, Response = Response<B>, Error = Infallible>
@@ -144,6 +146,7 @@ pub async fn serve<S, B>(
         tracker.spawn(serve_connection(
             builder.clone(),
             stream,
+            tls.clone(),
             app.clone(),
             handle,
             info,
@@ -186,6 +189,7 @@ fn configure(stream: &TcpStream, keepalive: Duration) {
 async fn serve_connection<S, B>(
     builder: Arc<Builder<TokioExecutor>>,
     stream: TcpStream,
+    tls: Option<TlsAcceptor>,
     app: S,
     handle: ConnectionHandle,
     info: TcpConnectInfo,
@@ -214,6 +218,21 @@ async fn serve_connection<S, B>(
             return;
         }
     }
+    // The handshake gets the same time as the first bytes: a client that stalls in it is closed too.
+    let stream = match tls {
+        None => Io::Plain(stream),
+        Some(tls) => match tokio::time::timeout(first_bytes, tls.accept(stream)).await {
+            Ok(Ok(stream)) => Io::Tls(Box::new(stream)),
+            Ok(Err(e)) => {
+                tracing::debug!(?peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(?peer, "connection closed: TLS handshake not done in time");
+                return;
+            }
+        },
+    };
     metrics::gauge!(CONNECTIONS_OPEN).increment(1.0);
     let closing = handle.closing().clone();
     let service = tower::ServiceBuilder::new()
@@ -243,4 +262,74 @@ async fn serve_connection<S, B>(
     }
     metrics::gauge!(CONNECTIONS_OPEN).decrement(1.0);
     drop(permit);
+}
+
+/// A served connection: plain TCP, or TLS over it.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for Io {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Io {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }

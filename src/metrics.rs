@@ -20,6 +20,7 @@
 //! | `lamplight_publish_duration_seconds` | histogram | |
 //! | `lamplight_auth_failures_total` | counter | `code`: unauthenticated, permission_denied |
 //! | `lamplight_redis_reconnects_total`, `lamplight_redis_subscriptions` | counter, gauge | (Redis bus) |
+//! | `lamplight_tls_reloads_total` | counter | `result`: loaded, refused |
 //! | `lamplight_jwks_fetch_failures_total`, `lamplight_jwks_keys` | counter, gauge | (`--jwt-jwks-url`) |
 
 use std::net::SocketAddr;
@@ -59,6 +60,8 @@ pub const AUTH_FAILURES: &str = "lamplight_auth_failures_total";
 pub const JWKS_FETCH_FAILURES: &str = "lamplight_jwks_fetch_failures_total";
 /// Keys of the last good `--jwt-jwks-url` fetch.
 pub const JWKS_KEYS: &str = "lamplight_jwks_keys";
+/// Reloads of the TLS certificate, by result (`loaded`, `refused`: the old pair stays).
+pub const TLS_RELOADS: &str = "lamplight_tls_reloads_total";
 /// Reconnections of the Redis bus.
 pub const REDIS_RECONNECTS: &str = "lamplight_redis_reconnects_total";
 /// Redis channel subscriptions this node holds.

@@ -38,6 +38,9 @@ pub enum ServeError {
     /// The bus could not start (e.g. Redis unreachable at start-up).
     #[error("cannot start the event bus: {0}")]
     Bus(#[from] BusError),
+    /// TLS could not be set up (certificate, key or client CA).
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// Reflection could not read the descriptor set.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -52,6 +55,12 @@ pub async fn serve(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
+    // Certificates first: a node that cannot serve TLS must not start.
+    let tls = config
+        .tls
+        .settings()
+        .map(|settings| crate::tls::TlsAcceptor::start(&settings, shutdown.clone()))
+        .transpose()?;
     let verifier = Arc::new(Verifier::load(&config.jwt).await?);
     if let Some(addr) = config.metrics_listen {
         crate::metrics::install(addr)?;
@@ -104,6 +113,7 @@ pub async fn serve(
     tracing::info!(
         ?addr,
         bus = bus.name(),
+        tls = tls.is_some(),
         "lamplight listening (gRPC + grpc-web)"
     );
 
@@ -140,6 +150,7 @@ pub async fn serve(
         listener,
         app,
         ConnectionSettings::from_config(&config),
+        tls,
         shutdown,
     )
     .await;
