@@ -50,8 +50,12 @@ struct Inner {
     history_ttl: Duration,
     /// Runs between a room's lookup and its lock (see [`Inner::with_room`]), so a test can sweep there.
     #[cfg(test)]
-    between_lookup_and_lock: Mutex<Option<Box<dyn FnOnce(&Inner) + Send>>>,
+    between_lookup_and_lock: Mutex<Option<TestHook>>,
 }
+
+/// See `Inner::between_lookup_and_lock`.
+#[cfg(test)]
+type TestHook = Box<dyn FnOnce(&Inner) + Send>;
 
 struct RoomState {
     name: Arc<str>,
@@ -541,7 +545,7 @@ mod tests {
         let feed = bus.subscribe("r", Some(&first), &s).await.unwrap();
         // Everything after `first` is still known, so recovery from it is claimed: it must include `id`.
         assert_eq!(feed.recovery, Recovery::Recovered);
-        assert_eq!(ids(&feed.replay), [id.clone()]);
+        assert_eq!(ids(&feed.replay), std::slice::from_ref(&id));
         assert_eq!(feed.last_event_id, id);
     }
 }
