@@ -1,18 +1,30 @@
 //! Cluster-wide presence: who is connected to which room, across every node.
 //!
-//! Each open stream of a user is a *connection* `{node}/{id}`. It is recorded
+//! Each open stream of a user is a *connection* `{node}/{id}` (ids are `{boot}-{n}`, unique across
+//! restarts of the node). It is recorded
 //! - in each room's sorted set (`{node}/{id}/{user}`), scored by its expiry, which `GetPresence` reads;
 //! - in the user's sorted set in the tenant room's slot, whose count decides ONLINE/OFFLINE: the connect
 //!   and disconnect scripts change it and publish the status atomically, so a status is published once
 //!   per transition, whichever nodes the user's streams are on;
 //! - in the node's hash of connections, read by whoever reaps the node after it died.
 //!
-//! Every node heartbeats every `ttl / 3`: it pushes the expiry of all its connections forward (which also
-//! restores them after Redis lost its data) and of its own entry in the node registry. A node that dies
-//! without warning stops doing so: its connections drop out of `GetPresence` when their expiry passes
-//! (at most `ttl` after its last heartbeat), and the first live node that sees its registry entry
-//! expired reaps it: removes its connections and publishes OFFLINE for users who have no other
-//! connection. Expiries use each node's wall clock: keep node clocks within a few seconds (NTP).
+//! A connection is tracked locally before anything is written, so a disconnect always undoes a connect,
+//! even one that was cancelled or failed half-way. Every node refreshes the expiry of all its connections
+//! every `ttl / 3` (which also restores them after Redis lost its data), and, on its own timer, its entry
+//! in the node registry every `ttl / 6`, which lives `ttl / 2`.
+//!
+//! How a node's connections end:
+//! - **Graceful shutdown**: [`Presence::shutdown`] removes them all (OFFLINE for users with no other
+//!   connection) and takes the node out of the registry, within the shutdown grace period.
+//! - **Crash** (SIGKILL, lost host): the first live node that sees the registry entry expired reaps it:
+//!   removes its connections and publishes OFFLINE, at most `2 * ttl / 3` after the node's last refresh;
+//!   without any live node, the room entries still drop out of `GetPresence` `ttl` after the last
+//!   heartbeat.
+//! - **Restart under the same node id**: the new run's first heartbeat removes the entries it does not
+//!   know, those of the earlier run.
+//!
+//! Expiries use each node's wall clock: keep node clocks within a few seconds (NTP). Node ids must be
+//! unique among running nodes.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
