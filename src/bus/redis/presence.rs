@@ -91,6 +91,10 @@ pub(crate) struct Presence {
     /// Held by a heartbeat while it writes, and by [`Presence::shutdown`], which sets it: no heartbeat
     /// writes after the node said goodbye.
     closed: tokio::sync::RwLock<bool>,
+    /// Cancelled by [`Presence::shutdown`] to stop a connection refresh in flight rather than wait for it.
+    closing: CancellationToken,
+    /// When this node last refreshed its registry entry (monotonic clock).
+    last_refresh: Mutex<Option<std::time::Instant>>,
 }
 
 fn encoded_status(member: &Member, online: bool) -> Vec<u8> {
@@ -113,6 +117,8 @@ impl Presence {
             local: Mutex::new(HashMap::new()),
             pending_removals: Mutex::new(Vec::new()),
             closed: tokio::sync::RwLock::new(false),
+            closing: CancellationToken::new(),
+            last_refresh: Mutex::new(None),
         }
     }
 
@@ -288,10 +294,17 @@ impl Presence {
         let previous_run_cleared = std::sync::atomic::AtomicBool::new(false);
         let cleared = &previous_run_cleared;
         tokio::join!(
-            this.repeat(this.ttl / 6, &cancel, "node registry refresh", || {
-                this.watch_nodes(conn).boxed()
-            }),
-            this.repeat(this.ttl / 3, &cancel, "presence heartbeat", || {
+            // Not interrupted by shutdown: a reap stopped half-way would leave a dead node's users online.
+            this.repeat(
+                this.ttl / 6,
+                &cancel,
+                false,
+                "node registry refresh",
+                || { this.watch_nodes(conn).boxed() }
+            ),
+            // Interrupted by shutdown: commands already sent reach Redis before the shutdown's removals
+            // (one connection per shard keeps the order), and those not sent never will be.
+            this.repeat(this.ttl / 3, &cancel, true, "presence heartbeat", || {
                 async move {
                     if !cleared.load(Ordering::Relaxed) {
                         this.clear_unknown_entries(conn).await?;
@@ -305,11 +318,12 @@ impl Presence {
     }
 
     /// Runs `step` every `every` (bounded by it, so a wedged Redis cannot stall the next ones) until
-    /// `cancel` or shutdown.
+    /// `cancel` or shutdown. An `interruptible` step in flight is dropped when shutdown begins.
     async fn repeat<'a>(
         &'a self,
         every: Duration,
         cancel: &CancellationToken,
+        interruptible: bool,
         what: &'static str,
         mut step: impl FnMut() -> BoxFuture<'a, Result<(), redis::RedisError>>,
     ) {
@@ -324,7 +338,16 @@ impl Presence {
             if *closed {
                 return;
             }
-            match tokio::time::timeout(every.max(self.timeout), step()).await {
+            let step = tokio::time::timeout(every.max(self.timeout), step());
+            let outcome = if interruptible {
+                tokio::select! {
+                    outcome = step => outcome,
+                    _ = self.closing.cancelled() => return,
+                }
+            } else {
+                step.await
+            };
+            match outcome {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::warn!(error = %e, "{what} failed"),
                 Err(_) => tracing::warn!("{what} timed out"),
@@ -332,14 +355,21 @@ impl Presence {
         }
     }
 
-    /// Refreshes this node's registry entry, then reaps the nodes whose entry expired.
+    /// Refreshes this node's registry entry, then reaps the nodes whose entry expired, but only if this
+    /// node's own previous refresh is recent: after an outage of Redis every node's entry has expired, and
+    /// the node that gets through first must not take all the others for dead.
     async fn watch_nodes(&self, conn: &Conn) -> Result<(), redis::RedisError> {
         let now = now_ms();
         let mut c = conn.clone();
         let _: () = c
             .zadd(keys::nodes(), &*self.node, now + self.node_ttl_ms())
             .await?;
-        self.reap(conn, now).await
+        let previous = lock(&self.last_refresh).replace(std::time::Instant::now());
+        let node_ttl = Duration::from_millis(self.node_ttl_ms());
+        if previous.is_some_and(|at| at.elapsed() < node_ttl) {
+            self.reap(conn, now).await?;
+        }
+        Ok(())
     }
 
     /// Refreshes every local connection, then retries failed removals.
@@ -398,6 +428,7 @@ impl Presence {
     /// registry entry, and stops the heartbeats. If Redis fails part of it, the node's registry entry is
     /// marked expired instead, so that live nodes reap the rest at once. Returns the connections removed.
     pub(crate) async fn shutdown(&self, conn: &Conn) -> Result<usize, BusError> {
+        self.closing.cancel();
         let mut closed = self.closed.write().await;
         *closed = true;
         let mut gone: Vec<LocalConnection> = lock(&self.local).drain().map(|(_, l)| l).collect();
