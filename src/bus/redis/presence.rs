@@ -17,7 +17,8 @@
 //! - **Graceful shutdown**: [`Presence::shutdown`] removes them all (OFFLINE for users with no other
 //!   connection) and takes the node out of the registry, within the shutdown grace period.
 //! - **Crash** (SIGKILL, lost host): the first live node that sees the registry entry expired reaps it:
-//!   removes its connections and publishes OFFLINE, at most `2 * ttl / 3` after the node's last refresh;
+//!   removes its connections and publishes OFFLINE, at most `2 * ttl / 3` after the node's last refresh
+//!   (a node whose own previous refresh is not recent, e.g. after a Redis outage, reaps nobody yet);
 //!   without any live node, the room entries still drop out of `GetPresence` `ttl` after the last
 //!   heartbeat.
 //! - **Restart under the same node id**: the new run's first heartbeat removes the entries it does not
