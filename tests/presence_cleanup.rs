@@ -304,6 +304,48 @@ async fn sigterm_takes_the_node_and_its_users_out_of_presence_within_the_grace_p
         .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_node_leaves_presence_on_a_cluster_too() {
+    let cluster = RedisCluster::start().await;
+    let a = TestServer::start_with(|c| {
+        use_cluster(c, &cluster);
+        c.redis.redis_node_id = Some("leaving".into());
+    })
+    .await;
+    let b = TestServer::start_with(|c| use_cluster(c, &cluster)).await;
+    let mut watcher = b.client(&user_token("watcher")).await;
+    let mut statuses = Statuses::open(&mut watcher).await;
+    let mut u1 = a.client(&user_token("u1")).await;
+    let _stream = join(&mut u1).await;
+    statuses
+        .expect("u1", true, Duration::from_secs(10), "ONLINE on connect")
+        .await;
+
+    tokio::time::timeout(Duration::from_secs(10), a.stop())
+        .await
+        .expect("serve returns within its grace period")
+        .unwrap();
+    statuses
+        .expect("u1", false, Duration::from_secs(5), "OFFLINE on stop")
+        .await;
+    assert!(present(&mut watcher).await.is_empty());
+    // Out of the registry (its key lives on one of the masters; the others answer MOVED).
+    let mut answered = 0;
+    for node in &cluster.nodes {
+        let mut r = node.conn().await;
+        let score: Result<Option<f64>, _> = redis::cmd("ZSCORE")
+            .arg("lamplight:nodes")
+            .arg("leaving")
+            .query_async(&mut r)
+            .await;
+        if let Ok(score) = score {
+            answered += 1;
+            assert_eq!(score, None, "the stopped node is still in the registry");
+        }
+    }
+    assert_eq!(answered, 1, "one master owns the registry");
+}
+
 /// The registry score of `node` (ms), if it is registered.
 async fn registry_score(r: &mut redis::aio::MultiplexedConnection, node: &str) -> Option<f64> {
     redis::cmd("ZSCORE")

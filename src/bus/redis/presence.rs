@@ -444,21 +444,16 @@ impl Presence {
             .collect()
             .await;
         let mut c = conn.clone();
-        let result = match results.into_iter().find(Result::is_err) {
-            None => {
-                redis::pipe()
-                    .zrem(keys::nodes(), &*self.node)
-                    .ignore()
-                    .del(keys::node_connections(&self.node))
-                    .ignore()
-                    .exec_async(&mut c)
-                    .await
-            }
-            Some(Err(e)) => {
+        let result = match results.into_iter().find_map(Result::err) {
+            // Two commands, not a pipeline: in a cluster the keys are on different slots.
+            None => match c.zrem::<_, _, ()>(keys::nodes(), &*self.node).await {
+                Ok(()) => c.del::<_, ()>(keys::node_connections(&self.node)).await,
+                Err(e) => Err(e),
+            },
+            Some(e) => {
                 let _: Result<(), _> = c.zadd(keys::nodes(), &*self.node, 0).await;
                 Err(e)
             }
-            Some(Ok(())) => Ok(()),
         };
         result.map_err(|e| BusError::Unavailable(format!("presence clean-up: {e}")))?;
         Ok(count)
