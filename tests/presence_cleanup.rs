@@ -1,6 +1,7 @@
 //! Presence cleans up after every way a connection or a node can end (issue 10, item 4): a Subscribe
-//! cancelled while its connection is being counted, a node stopped with SIGTERM, a node killed with
-//! SIGKILL, and a node restarted under the same `--redis-node-id`. Each test runs real lamplight nodes
+//! cancelled while its connection is being counted, streams ending while the heartbeat refreshes them, a
+//! node stopped with SIGTERM (and in-process, on a cluster), a node killed with SIGKILL, and a node
+//! restarted under the same `--redis-node-id`. Each test runs real lamplight nodes
 //! (a `lamplight` process and/or in-process servers) on a private redis-server, and watches the statuses
 //! and `GetPresence` from another node.
 
@@ -238,6 +239,66 @@ async fn a_subscribe_cancelled_while_its_connection_is_counted_leaves_no_ghost()
     // OFFLINE is published with the removal of the user's last connection, after its rooms were left.
     assert!(present(&mut watcher).await.is_empty(), "ghost in presence");
     drop(a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_that_end_while_the_heartbeat_refreshes_them_are_not_brought_back() {
+    const USERS: usize = 150;
+    const ENDED: usize = 100;
+    let redis = RedisServer::start().await;
+    let proxy = HoldProxy::start(redis.port).await;
+    // A refreshes its connections every 5 s, 64 at a time: with 150, most are refreshed only after the
+    // first ones were answered.
+    let a = TestServer::start_with(|c| {
+        use_redis(c, &proxy.url());
+        c.redis.redis_presence_ttl_secs = 15;
+        c.redis.redis_timeout_ms = 5_000;
+    })
+    .await;
+    let b = TestServer::start_with(|c| use_redis(c, &redis.url())).await;
+    let mut watcher = b.client(&user_token("watcher")).await;
+    let users: Vec<String> = (0..USERS).map(|i| format!("u{i:03}")).collect();
+    let mut streams = Vec::new();
+    for user in &users {
+        let mut client = a.client(&user_token(user)).await;
+        streams.push(join(&mut client).await);
+    }
+    assert_eq!(present(&mut watcher).await, users);
+
+    // The next heartbeat's first refreshes reach Redis, but A gets no answer: the rest wait. Meanwhile
+    // 100 streams end; their removals start (the first command of each reaches Redis) before the
+    // refreshes of most of them are even sent.
+    proxy.hold_replies_after(b":user:");
+    eventually(Duration::from_secs(10), "A's next heartbeat", || async {
+        proxy.holding()
+    })
+    .await;
+    streams.truncate(USERS - ENDED);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.release();
+    // Let that heartbeat finish (it takes milliseconds once Redis answers): refreshes it sent after the
+    // removals would have brought the ended streams back, with a fresh expiry (15 s).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let remaining = &users[..USERS - ENDED];
+    let limit = Duration::from_secs(6);
+    let deadline = Instant::now() + limit;
+    loop {
+        let now_present = present(&mut watcher).await;
+        if now_present == remaining {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ended streams still present {limit:?} after the heartbeat (brought back by it): {:?}",
+            now_present
+                .iter()
+                .filter(|u| !remaining.contains(u))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(streams);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
