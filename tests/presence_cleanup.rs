@@ -1,7 +1,8 @@
 //! Presence cleans up after every way a connection or a node can end (issue 10, item 4): a Subscribe
 //! cancelled while its connection is being counted, streams ending while the heartbeat refreshes them, a
-//! node stopped with SIGTERM (and in-process, on a cluster), a node killed with SIGKILL, and a node
-//! restarted under the same `--redis-node-id`. Each test runs real lamplight nodes
+//! node stopped with SIGTERM (and in-process, on a cluster), a node killed with SIGKILL, a node
+//! restarted under the same `--redis-node-id`, and (the other way round) live nodes that must not take
+//! each other for dead after a Redis outage. Each test runs real lamplight nodes
 //! (a `lamplight` process and/or in-process servers) on a private redis-server, and watches the statuses
 //! and `GetPresence` from another node.
 
@@ -405,6 +406,54 @@ async fn a_stopped_node_leaves_presence_on_a_cluster_too() {
         }
     }
     assert_eq!(answered, 1, "one master owns the registry");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_redis_outage_live_nodes_do_not_reap_each_other() {
+    // Registry entries live 6 s (half the TTL); Redis is gone for 8 s and comes back with its data, so
+    // every node's entry has expired when the nodes reconnect, while the connections' entries (12 s) have
+    // not.
+    const TTL: u64 = 12;
+    let mut redis = RedisServer::start_persistent().await;
+    let a = TestServer::start_with(|c| {
+        use_redis(c, &redis.url());
+        c.redis.redis_presence_ttl_secs = TTL;
+    })
+    .await;
+    let b = TestServer::start_with(|c| {
+        use_redis(c, &redis.url());
+        c.redis.redis_presence_ttl_secs = TTL;
+    })
+    .await;
+    let mut u1 = a.client(&user_token("u1")).await;
+    let _u1 = join(&mut u1).await;
+    let mut u2 = b.client(&user_token("u2")).await;
+    let _u2 = join(&mut u2).await;
+
+    redis.kill();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    redis.start_again().await;
+    // Statuses straight from Redis (a node's own subscription may miss what is published while it
+    // reconnects).
+    let mut statuses = redis::Client::open(redis.url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    statuses.subscribe(room_channel("tenant:t1")).await.unwrap();
+    let mut statuses = statuses.into_on_message();
+
+    // Two heartbeat rounds: a node that took the other for dead would have published OFFLINE by then.
+    let got = tokio::time::timeout(
+        Duration::from_secs(2 * TTL / 3),
+        futures::StreamExt::next(&mut statuses),
+    )
+    .await;
+    assert!(
+        got.is_err(),
+        "a status was published after the outage (a live node reaped another): {got:?}"
+    );
+    assert_eq!(present(&mut u1).await, ["u1", "u2"]);
 }
 
 /// The registry score of `node` (ms), if it is registered.
