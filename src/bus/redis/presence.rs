@@ -445,18 +445,32 @@ impl Presence {
             .await;
         let mut c = conn.clone();
         let result = match results.into_iter().find_map(Result::err) {
+            None => self.remove_the_rest(conn).await,
+            Some(e) => Err(e),
+        };
+        let result = match result {
             // Two commands, not a pipeline: in a cluster the keys are on different slots.
-            None => match c.zrem::<_, _, ()>(keys::nodes(), &*self.node).await {
-                Ok(()) => c.del::<_, ()>(keys::node_connections(&self.node)).await,
+            Ok(strays) => match c.zrem::<_, _, ()>(keys::nodes(), &*self.node).await {
+                Ok(()) => c
+                    .del::<_, ()>(keys::node_connections(&self.node))
+                    .await
+                    .map(|()| count + strays),
                 Err(e) => Err(e),
             },
-            Some(e) => {
+            Err(e) => {
                 let _: Result<(), _> = c.zadd(keys::nodes(), &*self.node, 0).await;
                 Err(e)
             }
         };
-        result.map_err(|e| BusError::Unavailable(format!("presence clean-up: {e}")))?;
-        Ok(count)
+        result.map_err(|e| BusError::Unavailable(format!("presence clean-up: {e}")))
+    }
+
+    /// Removes what is still in the node's hash after the local connections were removed: a connection
+    /// that ended during the heartbeat that shutdown interrupted may have been written back by it.
+    async fn remove_the_rest(&self, conn: &Conn) -> Result<usize, redis::RedisError> {
+        let mut c = conn.clone();
+        let rest: HashMap<String, String> = c.hgetall(keys::node_connections(&self.node)).await?;
+        remove_stored(conn, &self.node, rest.into_iter().collect(), self.settings).await
     }
 
     async fn retry_removals(&self, conn: &Conn) {
