@@ -5,6 +5,7 @@
 //! in-process bookkeeping; a distributed bus keeps the same counts in its own store.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::proto::v1::{event::Payload, user_status, Event, UserStatus};
 use crate::rooms::Room;
@@ -19,8 +20,42 @@ pub struct Member {
     pub user_id: String,
     /// The user's tenant: where their ONLINE/OFFLINE statuses go.
     pub tenant: String,
-    /// Unique per connection on this node.
-    pub connection_id: u64,
+    /// Unique per connection on this node, across restarts too (see [`ConnectionIds`]).
+    pub connection_id: String,
+}
+
+/// Issues connection ids `{boot}-{n}`: `boot` is random per process start, so a node restarted under the
+/// same `--redis-node-id` never reuses an id of its previous run (whose entries may still be in Redis).
+/// Ids contain no `/` (the separator of presence entries).
+#[derive(Debug)]
+pub struct ConnectionIds {
+    boot: String,
+    next: AtomicU64,
+}
+
+impl ConnectionIds {
+    /// Ids of a new boot.
+    pub fn new() -> Self {
+        Self {
+            boot: crate::bus::redis::random_token(8),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    /// A fresh id.
+    pub fn next(&self) -> String {
+        format!(
+            "{}-{}",
+            self.boot,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+}
+
+impl Default for ConnectionIds {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// Who is in a room.
@@ -144,8 +179,17 @@ mod tests {
         Member {
             user_id: user.into(),
             tenant: "t1".into(),
-            connection_id: conn,
+            connection_id: conn.to_string(),
         }
+    }
+
+    #[test]
+    fn connection_ids_differ_across_boots() {
+        let (a, b) = (ConnectionIds::new(), ConnectionIds::new());
+        let first = a.next();
+        assert_ne!(first, a.next());
+        assert_ne!(first, b.next(), "a restarted node must not reuse ids");
+        assert!(!first.contains('/'));
     }
 
     #[test]

@@ -7,6 +7,7 @@ use http::header::{HeaderName, HeaderValue};
 use http::Method;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::service::interceptor::InterceptedService;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
@@ -79,6 +80,7 @@ pub async fn serve(
         config.typing_per_sec,
         shutdown.clone(),
     );
+    let cleanup = api.cleanup_tasks();
     // Bigger than the event limit, so an oversized event reaches our check and gets INVALID_ARGUMENT with
     // the limit named, instead of a transport error.
     let decode_limit = config
@@ -146,15 +148,38 @@ pub async fn serve(
             .await;
         tracing::info!("shutting down: ending open streams");
     });
-    crate::listener::serve(
-        listener,
-        app,
-        ConnectionSettings::from_config(&config),
-        tls,
-        shutdown,
-    )
-    .await;
+    // The grace period covers both: open connections get it minus a reserve, then the bus says goodbye
+    // (presence) in what is left, so the node's users are OFFLINE cluster-wide before it exits.
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let reserve = (grace / 2).min(CLEANUP_RESERVE);
+    let mut settings = ConnectionSettings::from_config(&config);
+    settings.shutdown_grace = grace - reserve;
+    crate::listener::serve(listener, app, settings, tls, shutdown).await;
+    say_goodbye(&*bus, cleanup, tokio::time::Instant::now() + reserve).await;
     Ok(())
+}
+
+/// Part of `--shutdown-grace-secs` (at most half of it) kept for the bus's goodbye after the streams.
+const CLEANUP_RESERVE: Duration = Duration::from_secs(2);
+
+/// Waits for the presence clean-up of the streams that ended, then lets the bus remove what is left
+/// ([`Bus::shutdown`]), both until `deadline`.
+async fn say_goodbye(bus: &dyn Bus, cleanup: TaskTracker, deadline: tokio::time::Instant) {
+    cleanup.close();
+    if tokio::time::timeout_at(deadline, cleanup.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            tasks = cleanup.len(),
+            "presence clean-up of ended streams still running at the deadline"
+        );
+    }
+    match tokio::time::timeout_at(deadline, bus.shutdown()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "the bus could not clean up before exit"),
+        Err(_) => tracing::warn!("the bus did not finish cleaning up within the grace period"),
+    }
 }
 
 /// The embedded bus, or the Redis bus with `--redis-url` (which must be reachable now: fail fast, so a

@@ -48,7 +48,14 @@ struct Inner {
     presence: Mutex<PresenceTable>,
     history_size: usize,
     history_ttl: Duration,
+    /// Runs between a room's lookup and its lock (see [`Inner::with_room`]), so a test can sweep there.
+    #[cfg(test)]
+    between_lookup_and_lock: Mutex<Option<TestHook>>,
 }
+
+/// See `Inner::between_lookup_and_lock`.
+#[cfg(test)]
+type TestHook = Box<dyn FnOnce(&Inner) + Send>;
 
 struct RoomState {
     name: Arc<str>,
@@ -59,6 +66,9 @@ struct RoomState {
     last_seq: u64,
     sinks: Vec<(u64, Sink)>,
     last_activity: Instant,
+    /// Set by the sweeper, under this lock, when it takes the room out of the map: whoever looked the
+    /// room up before that and locks it after must look it up again (see [`Inner::with_room`]).
+    removed: bool,
 }
 
 #[derive(Default)]
@@ -103,6 +113,8 @@ impl MemoryBus {
             presence: Mutex::new(PresenceTable::default()),
             history_size: history_size.max(1),
             history_ttl,
+            #[cfg(test)]
+            between_lookup_and_lock: Mutex::new(None),
         });
         let weak = Arc::downgrade(&inner);
         tokio::spawn(sweep(
@@ -119,6 +131,28 @@ impl MemoryBus {
 }
 
 impl Inner {
+    /// Runs `f` on `name`'s room (created if missing) under the room's lock. The map's lock is released
+    /// before the room's is taken, so the sweeper may forget the room in between: then the room is marked
+    /// `removed` and this looks it up again, so nothing is ever published into or subscribed to a room that
+    /// is no longer in the map.
+    fn with_room<R>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&Arc<Mutex<RoomState>>, &mut RoomState) -> R,
+    ) -> R {
+        loop {
+            let slot = self.room(name);
+            #[cfg(test)]
+            if let Some(hook) = lock(&self.between_lookup_and_lock).take() {
+                hook(self);
+            }
+            let mut st = lock(&slot);
+            if !st.removed {
+                return f(&slot, &mut st);
+            }
+        }
+    }
+
     fn room(&self, name: &str) -> Arc<Mutex<RoomState>> {
         let mut rooms = lock(&self.rooms);
         if let Some(room) = rooms.get(name) {
@@ -133,6 +167,7 @@ impl Inner {
             last_seq: 0,
             sinks: Vec::new(),
             last_activity: Instant::now(),
+            removed: false,
         }));
         rooms.insert(name, room.clone());
         room
@@ -140,9 +175,12 @@ impl Inner {
 
     /// Assigns the id and fans out under the room's lock, so every subscriber sees the room in id order.
     /// Offers never wait (see [`Sink::offer`]).
-    fn publish_now(&self, mut event: Event) -> String {
-        let room = self.room(&event.room);
-        let mut st = lock(&room);
+    fn publish_now(&self, event: Event) -> String {
+        let room = event.room.clone();
+        self.with_room(&room, |_, st| self.publish_locked(st, event))
+    }
+
+    fn publish_locked(&self, st: &mut RoomState, mut event: Event) -> String {
         let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
         event.id = format!("{}-{seq}", self.epoch);
         let stored = Arc::new(StoredEvent::new(
@@ -252,29 +290,29 @@ impl Bus for MemoryBus {
         sink: &Sink,
     ) -> Result<RoomFeed, BusError> {
         let cursor = since.map(|s| self.inner.parse_since(room, s)).transpose()?;
-        let slot = self.inner.room(room);
-        let mut st = lock(&slot);
-        let id = self.inner.next_lease.fetch_add(1, Ordering::Relaxed);
+        let inner = &self.inner;
+        Ok(inner.with_room(room, |slot, st| {
+        let id = inner.next_lease.fetch_add(1, Ordering::Relaxed);
         if st.sinks.is_empty() {
             metrics::gauge!(ROOMS_LOCAL).increment(1.0);
         }
         st.sinks.push((id, sink.clone()));
         let (recovery, replay) = match cursor {
             None => (Recovery::Fresh, Vec::new()),
-            Some((epoch, _)) if epoch != self.inner.epoch => (
+            Some((epoch, _)) if epoch != inner.epoch => (
                 Recovery::Reset(
                     "the event id is from an earlier run of this server; its history is gone".into(),
                 ),
                 Vec::new(),
             ),
-            Some((_, seq)) if seq > self.inner.seq.load(Ordering::Acquire) => (
+            Some((_, seq)) if seq > inner.seq.load(Ordering::Acquire) => (
                 Recovery::Reset("the event id is newer than any this server issued".into()),
                 Vec::new(),
             ),
             Some((_, seq)) if seq < st.trimmed_through => (
                 Recovery::Reset(format!(
                     "history no longer reaches back to that event (it keeps the last {} events per room)",
-                    self.inner.history_size
+                    inner.history_size
                 )),
                 Vec::new(),
             ),
@@ -291,11 +329,11 @@ impl Bus for MemoryBus {
         let last_event_id = st.last_id.clone().unwrap_or_else(|| {
             format!(
                 "{}-{}",
-                self.inner.epoch,
-                self.inner.seq.load(Ordering::Acquire)
+                inner.epoch,
+                inner.seq.load(Ordering::Acquire)
             )
         });
-        Ok(RoomFeed {
+        RoomFeed {
             last_event_id,
             recovery,
             replay: Replay::ready(replay),
@@ -304,7 +342,8 @@ impl Bus for MemoryBus {
                 room: slot.clone(),
                 id,
             }),
-        })
+        }
+        }))
     }
 
     async fn connect(&self, member: &Member, rooms: &[String]) -> Result<(), BusError> {
@@ -337,18 +376,26 @@ async fn sweep(inner: Weak<Inner>, every: Duration) {
     loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
-        let now = Instant::now();
-        let mut rooms = lock(&inner.rooms);
+        inner.sweep_once(Instant::now());
+    }
+}
+
+impl Inner {
+    /// Forgets the rooms idle at `now`. Each is marked `removed` under its own lock while the map's lock is
+    /// held, so a caller that looked it up before cannot use it after (see [`Inner::with_room`]).
+    fn sweep_once(&self, now: Instant) {
+        let mut rooms = lock(&self.rooms);
         rooms.retain(|_, room| {
-            let st = lock(room);
+            let mut st = lock(room);
             let ttl = if st.history.is_empty() {
-                EMPTY_ROOM_TTL.min(inner.history_ttl)
+                EMPTY_ROOM_TTL.min(self.history_ttl)
             } else {
-                inner.history_ttl
+                self.history_ttl
             };
             let keep = !st.sinks.is_empty() || now.duration_since(st.last_activity) < ttl;
             if !keep {
-                inner.swept_through.fetch_max(st.last_seq, Ordering::AcqRel);
+                st.removed = true;
+                self.swept_through.fetch_max(st.last_seq, Ordering::AcqRel);
             }
             keep
         });
@@ -462,5 +509,43 @@ mod tests {
         assert!(matches!(feed.recovery, Recovery::Reset(_)));
         let feed = bus.subscribe("r", Some(&later), &s).await.unwrap();
         assert_eq!(feed.recovery, Recovery::Recovered);
+    }
+
+    /// Makes the next room lookup of `bus` sweep, as if the sweeper ran between the lookup and the lock,
+    /// at a time when every room without subscribers is idle.
+    fn sweep_between_lookup_and_lock(bus: &MemoryBus) {
+        *lock(&bus.inner.between_lookup_and_lock) = Some(Box::new(|inner: &Inner| {
+            inner.sweep_once(Instant::now() + Duration::from_secs(24 * 3600));
+        }));
+    }
+
+    #[tokio::test]
+    async fn a_subscribe_racing_the_sweeper_is_not_left_on_a_forgotten_room() {
+        let bus = MemoryBus::new(10, Duration::from_secs(60));
+        bus.publish(event("r"), None).await.unwrap();
+        sweep_between_lookup_and_lock(&bus);
+        let (s, mut rx) = sink(16);
+        let _feed = bus.subscribe("r", None, &s).await.unwrap();
+        let id = bus.publish(event("r"), None).await.unwrap();
+        match rx.try_recv() {
+            Some(RoomItem::Event(e)) => assert_eq!(e.id, id),
+            other => panic!("the subscriber missed the event: {other:?}"),
+        }
+        assert_eq!(bus.room_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_publish_racing_the_sweeper_is_kept_and_delivered() {
+        let bus = MemoryBus::new(10, Duration::from_secs(60));
+        let first = bus.publish(event("r"), None).await.unwrap();
+        sweep_between_lookup_and_lock(&bus);
+        let id = bus.publish(event("r"), None).await.unwrap();
+        assert_eq!(bus.room_count(), 1, "the event's room is in the map");
+        let (s, _rx) = sink(16);
+        let feed = bus.subscribe("r", Some(&first), &s).await.unwrap();
+        // Everything after `first` is still known, so recovery from it is claimed: it must include `id`.
+        assert_eq!(feed.recovery, Recovery::Recovered);
+        assert_eq!(ids(&feed.replay), std::slice::from_ref(&id));
+        assert_eq!(feed.last_event_id, id);
     }
 }

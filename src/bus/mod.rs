@@ -230,7 +230,8 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Records a connection of `member` in `rooms`; when it is the user's first connection, publishes
     /// `UserStatus ONLINE` to the user's tenant room, atomically with the count so statuses cannot be
-    /// reordered.
+    /// reordered. Once the returned future was polled, [`Bus::disconnect`] of the same member is valid and
+    /// undoes whatever it did, even if the future was then dropped or failed.
     async fn connect(&self, member: &Member, rooms: &[String]) -> Result<(), BusError>;
 
     /// Removes that connection; after the user's last one, publishes `UserStatus OFFLINE`.
@@ -238,6 +239,14 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Distinct users and connections in a room.
     async fn presence(&self, room: &str) -> Result<PresenceSnapshot, BusError>;
+
+    /// Says goodbye before the process exits: removes every connection of this node from presence
+    /// (publishing OFFLINE for users with no other connection anywhere) and the node itself from whatever
+    /// registry other nodes watch. [`crate::serve`] calls it once, after the streams ended, within the
+    /// shutdown grace period. The embedded bus has nothing outside the process to clean.
+    async fn shutdown(&self) -> Result<(), BusError> {
+        Ok(())
+    }
 
     /// Short name for logs ("memory", "redis").
     fn name(&self) -> &'static str;

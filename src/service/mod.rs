@@ -3,12 +3,12 @@
 
 mod subscribe;
 
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{self, Principal};
@@ -18,6 +18,7 @@ use crate::error::ServiceError;
 use crate::limits::UserStreams;
 use crate::metrics::{EVENTS_PUBLISHED, PUBLISH_DURATION};
 use crate::policy;
+use crate::presence::ConnectionIds;
 use crate::proto::server::event_service_server::EventService;
 use crate::proto::v1::{
     event::Payload, Event, GetPresenceRequest, GetPresenceResponse, PublishRequest,
@@ -79,7 +80,9 @@ struct Inner {
     limits: Limits,
     typing: RateLimiter,
     shutdown: CancellationToken,
-    next_connection: AtomicU64,
+    connection_ids: ConnectionIds,
+    /// Presence clean-up spawned when streams end; [`crate::serve`] waits for it within the grace period.
+    cleanup: TaskTracker,
     user_streams: Arc<UserStreams>,
     watchdog: Watchdog,
 }
@@ -101,9 +104,15 @@ impl EventApi {
                 limits,
                 typing: RateLimiter::new(typing_per_sec),
                 shutdown,
-                next_connection: AtomicU64::new(1),
+                connection_ids: ConnectionIds::new(),
+                cleanup: TaskTracker::new(),
             }),
         }
+    }
+
+    /// The presence clean-up still running for streams that ended (see [`crate::serve`]'s shutdown).
+    pub fn cleanup_tasks(&self) -> TaskTracker {
+        self.inner.cleanup.clone()
     }
 
     async fn publish(&self, p: &Principal, req: PublishRequest) -> Result<String, ServiceError> {

@@ -10,13 +10,13 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures::future::BoxFuture;
 use futures::{FutureExt as _, Stream, StreamExt as _, TryStreamExt as _};
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 use tonic::Status;
 
 use super::EventApi;
@@ -400,11 +400,17 @@ impl Newest {
     }
 }
 
-/// Presence of one stream: counted on open, removed (in the background) when the stream is dropped.
+/// Presence of one stream: counted on open, removed (in the background, tracked by the service's
+/// [`TaskTracker`]) when dropped.
+///
+/// Cancel-safe: the guard exists before the bus is asked to count the connection, so if the Subscribe is
+/// dropped mid-connect (client cancelled, deadline) or the connect fails, the disconnect still runs and
+/// a status the connect may already have published is answered by OFFLINE.
 struct PresenceGuard {
     bus: Arc<dyn Bus>,
     member: Option<Member>,
     rooms: Vec<String>,
+    cleanup: TaskTracker,
 }
 
 impl PresenceGuard {
@@ -418,18 +424,21 @@ impl PresenceGuard {
             (Some(tenant), false) => Some(Member {
                 user_id: p.user_id.clone(),
                 tenant: tenant.clone(),
-                connection_id: inner.next_connection.fetch_add(1, Ordering::Relaxed),
+                connection_id: inner.connection_ids.next(),
             }),
             _ => None,
         };
-        if let Some(member) = &member {
-            inner.bus.connect(member, rooms).await?;
-        }
-        Ok(Self {
+        let guard = Self {
             bus: inner.bus.clone(),
             member,
             rooms: rooms.to_vec(),
-        })
+            cleanup: inner.cleanup.clone(),
+        };
+        if let Some(member) = &guard.member {
+            // Dropped here (cancelled) or returning the error: `guard`'s drop disconnects.
+            guard.bus.connect(member, rooms).await?;
+        }
+        Ok(guard)
     }
 }
 
@@ -440,8 +449,8 @@ impl Drop for PresenceGuard {
         };
         let bus = self.bus.clone();
         let rooms = std::mem::take(&mut self.rooms);
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.cleanup.spawn(async move {
                 if let Err(e) = bus.disconnect(&member, &rooms).await {
                     tracing::warn!(user = %member.user_id, error = %e, "presence update failed");
                 }

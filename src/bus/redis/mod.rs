@@ -36,9 +36,10 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 pub use conn::Target;
 pub use health::PROBE_EVERY;
+pub(crate) use ids::random_token;
 
 use self::conn::{bounded, Conn};
-use self::ids::{random_token, EventId, StreamId};
+use self::ids::{EventId, StreamId};
 use self::presence::Presence;
 use self::rooms::RoomTable;
 use self::scripts::RoomSettings;
@@ -304,6 +305,12 @@ impl Bus for RedisBus {
 
     async fn presence(&self, room: &str) -> Result<PresenceSnapshot, BusError> {
         self.presence.snapshot(&self.cmd, room).await
+    }
+
+    async fn shutdown(&self) -> Result<(), BusError> {
+        let removed = self.presence.shutdown(&self.cmd).await?;
+        tracing::info!(node = %self.node, connections = removed, "left presence");
+        Ok(())
     }
 
     fn name(&self) -> &'static str {

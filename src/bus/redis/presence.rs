@@ -1,20 +1,34 @@
 //! Cluster-wide presence: who is connected to which room, across every node.
 //!
-//! Each open stream of a user is a *connection* `{node}/{id}`. It is recorded
+//! Each open stream of a user is a *connection* `{node}/{id}` (ids are `{boot}-{n}`, unique across
+//! restarts of the node). It is recorded
 //! - in each room's sorted set (`{node}/{id}/{user}`), scored by its expiry, which `GetPresence` reads;
 //! - in the user's sorted set in the tenant room's slot, whose count decides ONLINE/OFFLINE: the connect
 //!   and disconnect scripts change it and publish the status atomically, so a status is published once
 //!   per transition, whichever nodes the user's streams are on;
 //! - in the node's hash of connections, read by whoever reaps the node after it died.
 //!
-//! Every node heartbeats every `ttl / 3`: it pushes the expiry of all its connections forward (which also
-//! restores them after Redis lost its data) and of its own entry in the node registry. A node that dies
-//! without warning stops doing so: its connections drop out of `GetPresence` when their expiry passes
-//! (at most `ttl` after its last heartbeat), and the first live node that sees its registry entry
-//! expired reaps it: removes its connections and publishes OFFLINE for users who have no other
-//! connection. Expiries use each node's wall clock: keep node clocks within a few seconds (NTP).
+//! A connection is tracked locally before anything is written, so a disconnect always undoes a connect,
+//! even one that was cancelled or failed half-way. Every node refreshes the expiry of all its connections
+//! every `ttl / 3` (which also restores them after Redis lost its data), and, on its own timer, its entry
+//! in the node registry every `ttl / 6`, which lives `ttl / 2`.
+//!
+//! How a node's connections end:
+//! - **Graceful shutdown**: [`Presence::shutdown`] removes them all (OFFLINE for users with no other
+//!   connection) and takes the node out of the registry, within the shutdown grace period.
+//! - **Crash** (SIGKILL, lost host): the first live node that sees the registry entry expired reaps it:
+//!   removes its connections and publishes OFFLINE, at most `2 * ttl / 3` after the node's last refresh
+//!   (a node whose own previous refresh is not recent, e.g. after a Redis outage, reaps nobody yet);
+//!   without any live node, the room entries still drop out of `GetPresence` `ttl` after the last
+//!   heartbeat.
+//! - **Restart under the same node id**: the new run's first heartbeat removes the entries it does not
+//!   know, those of the earlier run.
+//!
+//! Expiries use each node's wall clock: keep node clocks within a few seconds (NTP). Node ids must be
+//! unique among running nodes.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -73,8 +87,15 @@ pub(crate) struct Presence {
     ttl: Duration,
     timeout: Duration,
     settings: RoomSettings,
-    local: Mutex<HashMap<u64, LocalConnection>>,
+    local: Mutex<HashMap<String, LocalConnection>>,
     pending_removals: Mutex<Vec<LocalConnection>>,
+    /// Held by a heartbeat while it writes, and by [`Presence::shutdown`], which sets it: no heartbeat
+    /// writes after the node said goodbye.
+    closed: tokio::sync::RwLock<bool>,
+    /// Cancelled by [`Presence::shutdown`] to stop a connection refresh in flight rather than wait for it.
+    closing: CancellationToken,
+    /// When this node last refreshed its registry entry (monotonic clock).
+    last_refresh: Mutex<Option<std::time::Instant>>,
 }
 
 fn encoded_status(member: &Member, online: bool) -> Vec<u8> {
@@ -96,7 +117,16 @@ impl Presence {
             settings,
             local: Mutex::new(HashMap::new()),
             pending_removals: Mutex::new(Vec::new()),
+            closed: tokio::sync::RwLock::new(false),
+            closing: CancellationToken::new(),
+            last_refresh: Mutex::new(None),
         }
+    }
+
+    /// How long the node's registry entry outlives its last refresh: half the TTL, refreshed every sixth
+    /// of it ([`Self::run`]), so two refreshes may be missed before live nodes take this one for dead.
+    fn node_ttl_ms(&self) -> u64 {
+        self.ttl_ms() / 2
     }
 
     fn ttl_ms(&self) -> u64 {
@@ -108,6 +138,9 @@ impl Presence {
     }
 
     /// Records a connection everywhere (see the module docs); ONLINE if it is the user's first.
+    ///
+    /// The connection is tracked locally before anything is written, so that a [`Self::disconnect`] after
+    /// this future was polled once (even if it was then dropped, or failed) removes whatever it wrote.
     pub(crate) async fn connect(
         &self,
         conn: &Conn,
@@ -119,13 +152,13 @@ impl Presence {
             rooms: rooms.to_vec(),
             online: encoded_status(member, true).into(),
         };
+        lock(&self.local).insert(member.connection_id.clone(), local.clone());
         bounded(
             self.timeout,
             "presence connect",
             self.record(conn, &local, now_ms()),
         )
         .await?;
-        lock(&self.local).insert(member.connection_id, local);
         Ok(())
     }
 
@@ -164,7 +197,7 @@ impl Presence {
         .unwrap_or_default();
         let (node_key, id, mut c) = (
             keys::node_connections(&self.node),
-            local.member.connection_id,
+            &local.member.connection_id,
             conn.clone(),
         );
         steps.push(
@@ -253,9 +286,48 @@ impl Presence {
         })
     }
 
-    /// Heartbeats every `ttl / 3` until `cancel`; see the module docs.
+    /// Until `cancel` or [`Self::shutdown`]: refreshes the node's registry entry and reaps dead nodes every
+    /// sixth of the TTL, and refreshes every local connection every third of it (see the module docs).
+    /// The two run side by side, so a long refresh of many connections never delays the registry entry.
     pub(crate) async fn run(self: Arc<Self>, conn: Conn, cancel: CancellationToken) {
-        let every = self.ttl / 3;
+        let this: &Self = &self;
+        let conn = &conn;
+        let previous_run_cleared = std::sync::atomic::AtomicBool::new(false);
+        let cleared = &previous_run_cleared;
+        tokio::join!(
+            // Not interrupted by shutdown: a reap stopped half-way would leave a dead node's users online.
+            this.repeat(
+                this.ttl / 6,
+                &cancel,
+                false,
+                "node registry refresh",
+                || { this.watch_nodes(conn).boxed() }
+            ),
+            // Interrupted by shutdown: commands already sent reach Redis before the shutdown's removals
+            // (one connection per shard keeps the order), and those not sent never will be.
+            this.repeat(this.ttl / 3, &cancel, true, "presence heartbeat", || {
+                async move {
+                    if !cleared.load(Ordering::Relaxed) {
+                        this.clear_unknown_entries(conn).await?;
+                        cleared.store(true, Ordering::Relaxed);
+                    }
+                    this.beat(conn).await
+                }
+                .boxed()
+            }),
+        );
+    }
+
+    /// Runs `step` every `every` (bounded by it, so a wedged Redis cannot stall the next ones) until
+    /// `cancel` or shutdown. An `interruptible` step in flight is dropped when shutdown begins.
+    async fn repeat<'a>(
+        &'a self,
+        every: Duration,
+        cancel: &CancellationToken,
+        interruptible: bool,
+        what: &'static str,
+        mut step: impl FnMut() -> BoxFuture<'a, Result<(), redis::RedisError>>,
+    ) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -263,26 +335,62 @@ impl Presence {
                 _ = cancel.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            // Bounded so a wedged Redis cannot stall the next beats forever.
-            let beat = tokio::time::timeout(every.max(self.timeout), self.beat(&conn)).await;
-            match beat {
+            let closed = self.closed.read().await;
+            if *closed {
+                return;
+            }
+            let step = tokio::time::timeout(every.max(self.timeout), step());
+            let outcome = if interruptible {
+                tokio::select! {
+                    outcome = step => outcome,
+                    _ = self.closing.cancelled() => return,
+                }
+            } else {
+                step.await
+            };
+            match outcome {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "presence heartbeat failed"),
-                Err(_) => tracing::warn!("presence heartbeat timed out"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "{what} failed"),
+                Err(_) => tracing::warn!("{what} timed out"),
             }
         }
     }
 
-    async fn beat(&self, conn: &Conn) -> Result<(), redis::RedisError> {
+    /// Refreshes this node's registry entry, then reaps the nodes whose entry expired, but only if this
+    /// node's own previous refresh is recent: after an outage of Redis every node's entry has expired, and
+    /// the node that gets through first must not take all the others for dead.
+    async fn watch_nodes(&self, conn: &Conn) -> Result<(), redis::RedisError> {
         let now = now_ms();
         let mut c = conn.clone();
         let _: () = c
-            .zadd(keys::nodes(), &*self.node, now + self.ttl_ms())
+            .zadd(keys::nodes(), &*self.node, now + self.node_ttl_ms())
             .await?;
+        let previous = lock(&self.last_refresh).replace(std::time::Instant::now());
+        let node_ttl = Duration::from_millis(self.node_ttl_ms());
+        if previous.is_some_and(|at| at.elapsed() < node_ttl) {
+            self.reap(conn, now).await?;
+        }
+        Ok(())
+    }
+
+    /// Refreshes every local connection, then retries failed removals.
+    async fn beat(&self, conn: &Conn) -> Result<(), redis::RedisError> {
+        let now = now_ms();
         let locals: Vec<LocalConnection> = lock(&self.local).values().cloned().collect();
         let beats: Vec<BoxFuture<'_, Result<(), redis::RedisError>>> = locals
             .into_iter()
-            .map(|l| async move { self.record(conn, &l, now).await }.boxed())
+            .map(|l| {
+                async move {
+                    self.record(conn, &l, now).await?;
+                    // The stream ended while it was being refreshed: its removal may have run before
+                    // this refresh and been undone by it. Remove it again (removal is idempotent).
+                    if !lock(&self.local).contains_key(&l.member.connection_id) {
+                        remove(conn, &self.node, &l.member, &l.rooms, self.settings).await?;
+                    }
+                    Ok(())
+                }
+                .boxed()
+            })
             .collect();
         let results: Vec<_> = futures::stream::iter(beats)
             .buffer_unordered(CONCURRENCY)
@@ -292,7 +400,77 @@ impl Presence {
             return Err(e);
         }
         self.retry_removals(conn).await;
-        self.reap(conn, now).await
+        Ok(())
+    }
+
+    /// Removes this node's entries that it does not know: those of an earlier run under the same node id
+    /// (killed before it could say goodbye, and not reaped because this run keeps the node id alive).
+    /// Safe at any time: a connection is tracked locally before its entry is written, and removal is
+    /// idempotent.
+    async fn clear_unknown_entries(&self, conn: &Conn) -> Result<(), redis::RedisError> {
+        let mut c = conn.clone();
+        let stored: HashMap<String, String> = c.hgetall(keys::node_connections(&self.node)).await?;
+        let unknown: Vec<(String, String)> = {
+            let local = lock(&self.local);
+            stored
+                .into_iter()
+                .filter(|(id, _)| !local.contains_key(id))
+                .collect()
+        };
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let removed = remove_stored(conn, &self.node, unknown, self.settings).await?;
+        tracing::info!(node = %self.node, connections = removed, "removed the connections of an earlier run of this node");
+        Ok(())
+    }
+
+    /// Says goodbye: removes every connection of this node (OFFLINE for users with no other) and its
+    /// registry entry, and stops the heartbeats. If Redis fails part of it, the node's registry entry is
+    /// marked expired instead, so that live nodes reap the rest at once. Returns the connections removed.
+    pub(crate) async fn shutdown(&self, conn: &Conn) -> Result<usize, BusError> {
+        self.closing.cancel();
+        let mut closed = self.closed.write().await;
+        *closed = true;
+        let mut gone: Vec<LocalConnection> = lock(&self.local).drain().map(|(_, l)| l).collect();
+        gone.append(&mut lock(&self.pending_removals));
+        let count = gone.len();
+        let removals: Vec<BoxFuture<'_, Result<(), redis::RedisError>>> = gone
+            .iter()
+            .map(|l| remove(conn, &self.node, &l.member, &l.rooms, self.settings).boxed())
+            .collect();
+        let results: Vec<_> = futures::stream::iter(removals)
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
+        let mut c = conn.clone();
+        let result = match results.into_iter().find_map(Result::err) {
+            None => self.remove_the_rest(conn).await,
+            Some(e) => Err(e),
+        };
+        let result = match result {
+            // Two commands, not a pipeline: in a cluster the keys are on different slots.
+            Ok(strays) => match c.zrem::<_, _, ()>(keys::nodes(), &*self.node).await {
+                Ok(()) => c
+                    .del::<_, ()>(keys::node_connections(&self.node))
+                    .await
+                    .map(|()| count + strays),
+                Err(e) => Err(e),
+            },
+            Err(e) => {
+                let _: Result<(), _> = c.zadd(keys::nodes(), &*self.node, 0).await;
+                Err(e)
+            }
+        };
+        result.map_err(|e| BusError::Unavailable(format!("presence clean-up: {e}")))
+    }
+
+    /// Removes what is still in the node's hash after the local connections were removed: a connection
+    /// that ended during the heartbeat that shutdown interrupted may have been written back by it.
+    async fn remove_the_rest(&self, conn: &Conn) -> Result<usize, redis::RedisError> {
+        let mut c = conn.clone();
+        let rest: HashMap<String, String> = c.hgetall(keys::node_connections(&self.node)).await?;
+        remove_stored(conn, &self.node, rest.into_iter().collect(), self.settings).await
     }
 
     async fn retry_removals(&self, conn: &Conn) {
@@ -322,6 +500,7 @@ impl Presence {
     }
 
     /// Reaps nodes whose registry entry expired: one live node wins each (ZREM returns 1 to one caller).
+    /// If the reaping fails half-way the node is put back, expired, for the next try.
     async fn reap(&self, conn: &Conn, now: u64) -> Result<(), redis::RedisError> {
         let mut c = conn.clone();
         let dead: Vec<String> = c
@@ -335,23 +514,29 @@ impl Presence {
             if won == 0 {
                 continue;
             }
-            let hash = keys::node_connections(&node);
-            let connections: HashMap<u64, String> = c.hgetall(&hash).await?;
-            let mut offline = 0usize;
-            for (id, json) in &connections {
-                let Ok(stored) = serde_json::from_str::<StoredConnection>(json) else {
-                    continue;
-                };
-                let member = Member {
-                    user_id: stored.user,
-                    tenant: stored.tenant,
-                    connection_id: *id,
-                };
-                remove(conn, &node, &member, &stored.rooms, self.settings).await?;
-                offline += 1;
+            let reaped = async {
+                let hash = keys::node_connections(&node);
+                let connections: HashMap<String, String> = c.clone().hgetall(&hash).await?;
+                let offline = remove_stored(
+                    conn,
+                    &node,
+                    connections.into_iter().collect(),
+                    self.settings,
+                )
+                .await?;
+                let _: () = c.clone().del(&hash).await?;
+                Ok::<_, redis::RedisError>(offline)
             }
-            let _: () = c.del(&hash).await?;
-            tracing::info!(node = %node, connections = offline, "reaped a node that stopped heartbeating");
+            .await;
+            match reaped {
+                Ok(offline) => {
+                    tracing::info!(node = %node, connections = offline, "reaped a node that stopped heartbeating")
+                }
+                Err(e) => {
+                    let _: Result<(), _> = c.zadd(keys::nodes(), &node, 0).await;
+                    return Err(e);
+                }
+            }
         }
         Ok(())
     }
@@ -360,6 +545,34 @@ impl Presence {
     pub(crate) fn local_count(&self) -> usize {
         lock(&self.local).len()
     }
+}
+
+/// Removes connections of `node` as stored in its hash (`id -> JSON`), concurrently. Returns how many.
+async fn remove_stored(
+    conn: &Conn,
+    node: &str,
+    stored: Vec<(String, String)>,
+    settings: RoomSettings,
+) -> Result<usize, redis::RedisError> {
+    let removals: Vec<BoxFuture<'_, Result<(), redis::RedisError>>> = stored
+        .into_iter()
+        .filter_map(|(id, json)| {
+            let stored = serde_json::from_str::<StoredConnection>(&json).ok()?;
+            let member = Member {
+                user_id: stored.user,
+                tenant: stored.tenant,
+                connection_id: id,
+            };
+            Some(async move { remove(conn, node, &member, &stored.rooms, settings).await }.boxed())
+        })
+        .collect();
+    let count = removals.len();
+    let results: Vec<_> = futures::stream::iter(removals)
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<()>, _>>()?;
+    Ok(count)
 }
 
 /// Removes one connection of `node` from its rooms, the user's set (OFFLINE if last) and the node hash.
@@ -378,7 +591,7 @@ async fn remove(
     let offline = encoded_status(member, false);
     scripts::disconnect(&mut c, node, member, &offline, now_ms(), settings).await?;
     let _: () = c
-        .hdel(keys::node_connections(node), member.connection_id)
+        .hdel(keys::node_connections(node), &member.connection_id)
         .await?;
     Ok(())
 }
