@@ -57,9 +57,12 @@ pub const DEFAULT_CLI_SUB: &str = "lamplight-cli";
 /// Where and as whom `subscribe`, `publish` and `presence` connect.
 #[derive(Debug, Args)]
 pub struct ConnectArgs {
-    /// Server URL (`http://host:port`).
+    /// Server URL (`http://host:port`, or `https://host:port` for a server with TLS).
     #[arg(long, env = "LAMPLIGHT_ADDR", default_value = DEFAULT_ADDR)]
     pub addr: String,
+    /// For `https://`: a PEM CA certificate to trust besides the system's (e.g. a private CA).
+    #[arg(long, env = "LAMPLIGHT_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Bearer token to send. Without it a token is minted from the configured secret (like `lamplight
     /// token`, see --sub) and minted again when the server refuses an expired one.
     #[arg(long, env = "LAMPLIGHT_TOKEN", hide_env_values = true)]

@@ -371,3 +371,60 @@ async fn no_start_with_an_unusable_certificate() {
         assert!(err.to_string().contains(needle), "{err}");
     }
 }
+
+#[tokio::test]
+async fn the_rust_client_and_the_cli_speak_https_with_a_ca_file() {
+    use futures::StreamExt as _;
+    use lamplight::client::{Client, ClientConfig, SubscriptionEvent};
+
+    let tls = Tls::new();
+    let server = TestServer::start_with(|c| tls.configure(c)).await;
+    let url = format!("https://localhost:{}", server.addr.port());
+    let config = ClientConfig {
+        ca_certificate_pem: Some(tls.ca.cert_pem()),
+        ..ClientConfig::default()
+    };
+    let client = Client::with_config(url.clone(), user_token("u1"), config)
+        .await
+        .unwrap();
+    let mut events = client.subscribe([ROOM]);
+    match tokio::time::timeout(Duration::from_secs(10), events.next()).await {
+        Ok(Some(Ok(SubscriptionEvent::Connected { .. }))) => {}
+        other => panic!("expected Connected over TLS, got {other:?}"),
+    }
+
+    // The CLI publishes over HTTPS with --ca-file; without it the private CA is not trusted.
+    let ca_file = tls.dir.write("cli-ca.pem", &tls.ca.cert_pem());
+    let cli = |ca: Option<&std::path::Path>| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_lamplight"));
+        cmd.args([
+            "publish",
+            "--addr",
+            &url,
+            "--room",
+            ROOM,
+            "--type",
+            "task.created",
+        ])
+        .args(["--task-json", r#"{"id":"from-cli"}"#, "--timeout-secs", "3"])
+        .args(["--jwt-secret", SECRET])
+        .env_remove("LAMPLIGHT_CA_FILE");
+        if let Some(ca) = ca {
+            cmd.arg("--ca-file").arg(ca);
+        }
+        cmd.output()
+    };
+    let out = cli(Some(&ca_file)).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    match tokio::time::timeout(Duration::from_secs(10), events.next()).await {
+        Ok(Some(Ok(SubscriptionEvent::Event(e)))) => assert_eq!(e.id, id),
+        other => panic!("expected the CLI's event, got {other:?}"),
+    }
+    let out = cli(None).await.unwrap();
+    assert!(!out.status.success(), "an untrusted certificate must fail");
+}

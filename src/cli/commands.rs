@@ -183,8 +183,14 @@ fn tokens(args: &ConnectArgs) -> Result<Arc<dyn TokenSource>, CommandError> {
     })))
 }
 
-async fn connect(args: &ConnectArgs, config: ClientConfig) -> Result<Client, CommandError> {
+async fn connect(args: &ConnectArgs, mut config: ClientConfig) -> Result<Client, CommandError> {
     let tokens = tokens(args)?;
+    if let Some(path) = &args.ca_file {
+        let pem = std::fs::read_to_string(path).map_err(|e| {
+            CommandError::usage(format!("cannot read --ca-file {}: {e}", path.display()))
+        })?;
+        config.ca_certificate_pem = Some(pem);
+    }
     Client::with_config(args.addr.clone(), tokens, config)
         .await
         .map_err(|e| client_error(e, &args.addr))

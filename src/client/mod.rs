@@ -89,6 +89,8 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// A stream open this long resets the reconnect backoff ([`DEFAULT_HEALTHY_AFTER`]).
     pub healthy_after: Duration,
+    /// For `https://` endpoints: PEM CA certificates to trust besides the system's (e.g. a private CA).
+    pub ca_certificate_pem: Option<String>,
 }
 
 impl Default for ClientConfig {
@@ -100,6 +102,7 @@ impl Default for ClientConfig {
             publish_retry_for: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             healthy_after: DEFAULT_HEALTHY_AFTER,
+            ca_certificate_pem: None,
         }
     }
 }
@@ -239,7 +242,8 @@ impl Shared {
 }
 
 impl Client {
-    /// A client of the server at `endpoint` (`http://host:port`; the scheme may be left out) using
+    /// A client of the server at `endpoint` (`http://host:port` or `https://host:port`; without a scheme,
+    /// `http://`) using
     /// `tokens`, with [`ClientConfig::default`]. Connects lazily: it fails only for an invalid endpoint, and
     /// calls made while the server is down wait or retry as documented. Needs a tokio runtime.
     pub async fn connect(
@@ -260,12 +264,22 @@ impl Client {
             endpoint: endpoint.clone(),
             reason,
         };
-        let endpoint = Endpoint::from_shared(endpoint.clone())
+        let mut endpoint = Endpoint::from_shared(endpoint.clone())
             .map_err(|e| invalid(e.to_string()))?
             .connect_timeout(config.request_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10));
+        if endpoint.uri().scheme_str() == Some("https") {
+            // TLS (rustls on ring): the system's roots, plus the configured CA.
+            let mut tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
+            if let Some(pem) = &config.ca_certificate_pem {
+                tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| invalid(format!("TLS: {e}")))?;
+        }
         let grpc = EventServiceClient::new(endpoint.connect_lazy());
         let shared = Arc::new(Shared {
             endpoint,
