@@ -215,7 +215,7 @@ async fn an_untrusted_server_certificate_stops_start_up_with_a_clear_message() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_plain_url_against_the_tls_port_stops_start_up_with_a_clear_message() {
+async fn the_wrong_scheme_for_the_port_stops_start_up_with_a_clear_message() {
     let pki = Pki::new();
     let redis = TlsRedisServer::start(&pki.files, "admin:admin-secret", &args()).await;
     let plain = format!("redis://app:app-secret@127.0.0.1:{}", redis.port);
@@ -228,6 +228,11 @@ async fn a_plain_url_against_the_tls_port_stops_start_up_with_a_clear_message() 
         err.contains("--redis-ca-file") && err.contains("rediss://"),
         "{err}"
     );
+    // The other way round: rediss:// against a plain port.
+    let plain_redis = redis_support::RedisServer::start().await;
+    let tls_url = format!("rediss://127.0.0.1:{}", plain_redis.port);
+    let err = start_up_error(&tls_url, |_| {}).await;
+    assert!(err.contains("TLS") && err.contains("redis://"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -250,10 +250,15 @@ fn start_error(target: &Target, e: &RedisError) -> BusError {
              --redis-client-key-file"
         ));
     }
-    if !target.is_tls()
-        && (e.is_connection_dropped() || e.is_io_error())
-        && !e.is_connection_refusal()
-    {
+    if target.is_tls() && e.is_timeout() {
+        return BusError::Unavailable(format!(
+            "Redis did not complete the TLS set-up in time: {e}. If that port does not speak TLS, \
+             use a redis:// URL"
+        ));
+    }
+    // Reset, EOF, broken pipe (a refused connection is not that: nothing listens there).
+    let closed = e.is_connection_dropped() && !e.is_connection_refusal();
+    if !target.is_tls() && closed {
         return BusError::Unavailable(format!(
             "Redis closed the connection during set-up: {e}. If that port speaks TLS, use a \
              rediss:// URL"

@@ -14,6 +14,9 @@
 //!   stream (or sends `Reset`); [`health`] reports a real pub/sub round trip.
 //! - **Presence** is kept in Redis with per-node heartbeats ([`presence`]).
 //! - **Cluster**: sharded pub/sub and hash-tagged keys ([`keys`]), so a room lives on one shard.
+//! - **TLS and ACL**: `rediss://` URLs with the user and password in them, certificates from
+//!   `--redis-ca-file` and the client certificate flags ([`target`]); start-up failures name what to
+//!   change ([`conn::connect`]).
 
 mod conn;
 mod eviction;
