@@ -160,6 +160,73 @@ async fn two_nodes_publish_subscribe_and_resume_over_tls_as_an_acl_user() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_survives_a_restart_of_the_tls_redis() {
+    let pki = Pki::new();
+    // Redis without the fix of redis/redis#14545 (Debian's 7.0.15 among them) re-checks each
+    // MULTI/EXEC of the append-only file against the `default` user's permissions when it loads the
+    // file (redis/redis#14541): with that user off, every transaction (every publish's script effects)
+    // is dropped at the restart. So here the `default` user keeps its permissions behind a password,
+    // as with `requirepass` (see the README).
+    let mut args = [
+        APP_USER,
+        &[
+            "--user",
+            "admin",
+            "on",
+            ">admin-secret",
+            "~*",
+            "&*",
+            "+@all",
+        ],
+        &[
+            "--user",
+            "default",
+            "on",
+            ">default-secret",
+            "~*",
+            "&*",
+            "+@all",
+        ],
+    ]
+    .concat();
+    args.extend(["--appendonly", "yes", "--appendfsync", "always"]);
+    let mut redis = TlsRedisServer::start(&pki.files, "admin:admin-secret", &args).await;
+    let url = redis.url("app:app-secret");
+    let ca_file = pki.files.ca_file.clone();
+    let node = TestServer::start_with(|c| {
+        redis_support::use_redis(c, &url);
+        c.redis.redis_ca_file = Some(ca_file);
+    })
+    .await;
+    let mut user = node.client(&user_token("u1")).await;
+    let (mut stream, _) = subscribe(&mut user, &[ROOM], &[]).await.unwrap();
+    let mut svc = node.client(&publisher_token()).await;
+    let before = publish_task(&mut svc, ROOM, "before").await.unwrap();
+    assert_eq!(next_event(&mut stream).await.id, before);
+
+    redis.kill();
+    redis.start_again().await;
+    // The node reconnects (over TLS, as the same user): publishes succeed again and reach the stream
+    // that stayed open, in order and without a reset.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let after = loop {
+        match publish_task(&mut svc, ROOM, "after").await {
+            Ok(id) => break id,
+            Err(status) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "publish still failing 20 s after the restart: {status}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let more = publish_task(&mut svc, ROOM, "more").await.unwrap();
+    assert_eq!(next_event(&mut stream).await.id, after);
+    assert_eq!(next_event(&mut stream).await.id, more);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wrong_password_stops_start_up_with_a_clear_message() {
     let pki = Pki::new();
     let redis = TlsRedisServer::start(&pki.files, "admin:admin-secret", &args()).await;

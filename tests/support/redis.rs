@@ -483,6 +483,8 @@ pub struct TlsRedisServer {
     ready_user: String,
     /// A client certificate for the helper's own connections, when the server demands one.
     client: Option<(PathBuf, PathBuf)>,
+    /// Extra `redis-server` arguments, kept for [`Self::start_again`].
+    args: Vec<String>,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -512,34 +514,58 @@ impl TlsRedisServer {
         args: &[&str],
     ) -> Self {
         check_installed("redis-server");
-        let port = free_port();
-        let dir = temp_dir("redis-tls");
-        let log = std::fs::File::create(dir.join("redis.log")).expect("log file");
+        let mut server = Self {
+            port: free_port(),
+            files: files.clone(),
+            ready_user: ready_user.to_owned(),
+            client,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            dir: temp_dir("redis-tls"),
+            child: None,
+        };
+        server.launch();
+        server
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("redis.log"))
+            .expect("log file");
         let child = Command::new("redis-server")
-            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .args(["--port", "0", "--tls-port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--tls-cert-file")
-            .arg(&files.cert_file)
+            .arg(&self.files.cert_file)
             .arg("--tls-key-file")
-            .arg(&files.key_file)
+            .arg(&self.files.key_file)
             .arg("--tls-ca-cert-file")
-            .arg(&files.ca_file)
+            .arg(&self.files.ca_file)
             .args(["--tls-auth-clients", "optional"])
             .arg("--dir")
-            .arg(&dir)
-            .args(args)
+            .arg(&self.dir)
+            .args(&self.args)
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start redis-server: {e}; {INSTALL}"));
-        Self {
-            port,
-            files: files.clone(),
-            ready_user: ready_user.to_owned(),
-            client,
-            dir,
-            child: Some(child),
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: the server vanishes without a goodbye (as in a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
+    }
+
+    /// Starts the server again on the same port (with the same data directory and arguments).
+    pub async fn start_again(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        self.launch();
+        self.wait_ready().await;
     }
 
     /// Starts a server without waiting for it to answer (its certificate may be one the helper refuses).
@@ -632,10 +658,7 @@ impl TlsRedisServer {
 
 impl Drop for TlsRedisServer {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
