@@ -227,7 +227,7 @@ async fn a_stream_survives_a_restart_of_the_tls_redis() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_wrong_password_stops_start_up_with_a_clear_message() {
+async fn a_wrong_password_or_a_missing_permission_stops_start_up_with_a_clear_message() {
     let pki = Pki::new();
     let redis = TlsRedisServer::start(&pki.files, "admin:admin-secret", &args()).await;
     let ca_file = pki.files.ca_file.clone();
@@ -243,6 +243,26 @@ async fn a_wrong_password_stops_start_up_with_a_clear_message() {
         !err.contains("not-the-password"),
         "no password in messages: {err}"
     );
+
+    // Right password, but the ACL denies a command the connection needs (SELECT of the URL's db).
+    let mut args = args();
+    args.extend([
+        "--user",
+        "nodb",
+        "on",
+        ">nodb-secret",
+        "~lamplight:*",
+        "&lamplight:*",
+        "+@all",
+        "-select",
+    ]);
+    let limited = TlsRedisServer::start(&pki.files, "admin:admin-secret", &args).await;
+    let ca_file = pki.files.ca_file.clone();
+    let err = start_up_error(&format!("{}/1", limited.url("nodb:nodb-secret")), |c| {
+        c.redis.redis_ca_file = Some(ca_file)
+    })
+    .await;
+    assert!(err.contains("ACL denies"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

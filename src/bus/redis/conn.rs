@@ -223,8 +223,15 @@ pub(crate) async fn connect(target: &Target, timeout: Duration) -> Result<Conn, 
 /// What a failed start-up connection means, for the operator.
 fn start_error(target: &Target, e: &RedisError) -> BusError {
     let text = e.to_string();
+    // NOPERM, also as redis-rs words it when set-up commands fail ("... has no permissions to run").
+    if e.code() == Some("NOPERM") || text.contains("no permissions") {
+        return BusError::Misconfigured(format!(
+            "Redis's ACL denies the user a command lamplight needs: {e}. Allow it lamplight's \
+             commands, keys (~lamplight:*) and channels (&lamplight:*)"
+        ));
+    }
     if e.kind() == redis::ErrorKind::AuthenticationFailed
-        || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
+        || matches!(e.code(), Some("WRONGPASS" | "NOAUTH"))
     {
         return BusError::Misconfigured(format!(
             "Redis refused the credentials: {e}. Give the ACL user and its password in --redis-url \
