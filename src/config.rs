@@ -262,16 +262,41 @@ impl TlsConfig {
 /// The Redis bus. Without `--redis-url` the embedded in-memory bus runs (one node).
 #[derive(Clone, Debug, Args)]
 pub struct RedisConfig {
-    /// Redis to share rooms, history and presence with other nodes, e.g. `redis://127.0.0.1:6379/0`
-    /// (`rediss://` for TLS is not built in). With `--redis-cluster`, or `redis+cluster://` URLs, one or
-    /// more comma-separated seed nodes of a Redis Cluster (7+). Unset: the embedded bus, single node.
-    /// The server refuses to start when Redis cannot be reached.
+    /// Redis to share rooms, history and presence with other nodes, e.g. `redis://127.0.0.1:6379/0`, or
+    /// over TLS with an ACL user `rediss://user:password@redis.example.com:6380/0` (password
+    /// percent-encoded; `rediss://:password@...` for `requirepass`). With `--redis-cluster`, or
+    /// `redis+cluster://` / `rediss+cluster://` URLs, one or more comma-separated seed nodes of a Redis
+    /// Cluster (7+), all TLS or all plain, with the same user. Unset: the embedded bus, single node.
+    /// The server refuses to start when Redis cannot be reached, refuses the credentials, or presents a
+    /// certificate that is not trusted.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
     /// `--redis-url` names a Redis Cluster: sharded pub/sub (SSUBSCRIBE/SPUBLISH) and hash-tagged keys.
     #[arg(long, env = "LAMPLIGHT_REDIS_CLUSTER")]
     pub redis_cluster: bool,
+
+    /// Extra CA certificates (PEM) trusted for a `rediss://` `--redis-url`, besides the system's (e.g. a
+    /// managed Redis's private CA). Needs a `rediss://` URL.
+    #[arg(long, env = "LAMPLIGHT_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
+    /// Client certificate chain (PEM) presented to a Redis that requires one (`tls-auth-clients yes`).
+    /// Needs `--redis-client-key-file` and a `rediss://` URL.
+    #[arg(
+        long,
+        env = "LAMPLIGHT_REDIS_CLIENT_CERT_FILE",
+        requires = "redis_client_key_file"
+    )]
+    pub redis_client_cert_file: Option<PathBuf>,
+
+    /// Private key (PEM) of `--redis-client-cert-file`.
+    #[arg(
+        long,
+        env = "LAMPLIGHT_REDIS_CLIENT_KEY_FILE",
+        requires = "redis_client_cert_file"
+    )]
+    pub redis_client_key_file: Option<PathBuf>,
 
     /// Longest wait for Redis in a request (publish, history read, presence), in milliseconds. A Redis
     /// that refuses connections fails the call at once with UNAVAILABLE; one that does not answer, after
@@ -310,11 +335,25 @@ impl Default for RedisConfig {
         Self {
             redis_url: None,
             redis_cluster: false,
+            redis_ca_file: None,
+            redis_client_cert_file: None,
+            redis_client_key_file: None,
             redis_timeout_ms: DEFAULT_REDIS_TIMEOUT_MS,
             redis_presence_ttl_secs: DEFAULT_REDIS_PRESENCE_TTL_SECS,
             redis_node_id: None,
             redis_allow_eviction: false,
             redis_push_queue_bytes: DEFAULT_REDIS_PUSH_QUEUE_BYTES,
+        }
+    }
+}
+
+impl RedisConfig {
+    /// The certificate files for a `rediss://` `--redis-url`.
+    pub fn tls_files(&self) -> crate::bus::redis::TlsFiles {
+        crate::bus::redis::TlsFiles {
+            ca_file: self.redis_ca_file.clone(),
+            client_cert_file: self.redis_client_cert_file.clone(),
+            client_key_file: self.redis_client_key_file.clone(),
         }
     }
 }

@@ -192,6 +192,7 @@ async fn build_bus(config: &Config) -> Result<Arc<dyn Bus>, ServeError> {
     let target = Target::parse(url, config.redis.redis_cluster).map_err(ServeError::RedisUrl)?;
     let bus = RedisBus::connect(RedisOptions {
         target,
+        tls: config.redis.tls_files(),
         timeout: Duration::from_millis(config.redis.redis_timeout_ms),
         presence_ttl: Duration::from_secs(config.redis.redis_presence_ttl_secs),
         node_id: config.redis.redis_node_id.clone(),

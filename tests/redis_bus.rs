@@ -392,7 +392,7 @@ async fn many_streams_joining_many_rooms_at_once() {
         async move {
             let user = format!("u{i}");
             let mut c = b.client(&user_token(&user)).await;
-            let room = format!("user:{user}");
+            let room = format!("tenant:t1:user:{user}");
             (
                 room.clone(),
                 subscribe(&mut c, &[&room], &[]).await.unwrap().0,

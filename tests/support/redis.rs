@@ -504,3 +504,289 @@ async fn pipe(
         }
     }
 }
+
+/// Certificate files of a [`TlsRedisServer`] (PEM paths; made at test time with `tests/support/tls.rs`).
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// The server's certificate and key.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// The CA the server checks client certificates against (and that signed its own certificate).
+    pub ca_file: PathBuf,
+}
+
+/// A private redis-server that speaks only TLS (`--port 0 --tls-port P`), or a TLS Redis Cluster node.
+/// Its `ready_user` (e.g. `"alice:secret"`, or `""` for the default user) is how the helper checks it
+/// answers; the tests give ACL users with `--user` arguments.
+pub struct TlsRedisServer {
+    pub port: u16,
+    pub files: TlsFiles,
+    ready_user: String,
+    /// A client certificate for the helper's own connections, when the server demands one.
+    client: Option<(PathBuf, PathBuf)>,
+    /// Extra `redis-server` arguments, kept for [`Self::start_again`].
+    args: Vec<String>,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl TlsRedisServer {
+    /// Starts a TLS-only server with extra `redis-server` arguments (ACL users, `--tls-auth-clients`).
+    pub async fn start(files: &TlsFiles, ready_user: &str, args: &[&str]) -> Self {
+        Self::start_with_client(files, ready_user, None, args).await
+    }
+
+    /// [`Self::start`], the helper presenting `client` (certificate, key) when it connects.
+    pub async fn start_with_client(
+        files: &TlsFiles,
+        ready_user: &str,
+        client: Option<(PathBuf, PathBuf)>,
+        args: &[&str],
+    ) -> Self {
+        let server = Self::spawn(files, ready_user, client, args);
+        server.wait_ready().await;
+        server
+    }
+
+    fn spawn(
+        files: &TlsFiles,
+        ready_user: &str,
+        client: Option<(PathBuf, PathBuf)>,
+        args: &[&str],
+    ) -> Self {
+        check_installed("redis-server");
+        let mut server = Self {
+            port: free_port(),
+            files: files.clone(),
+            ready_user: ready_user.to_owned(),
+            client,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            dir: temp_dir("redis-tls"),
+            child: None,
+        };
+        server.launch();
+        server
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("redis.log"))
+            .expect("log file");
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--tls-cert-file")
+            .arg(&self.files.cert_file)
+            .arg("--tls-key-file")
+            .arg(&self.files.key_file)
+            .arg("--tls-ca-cert-file")
+            .arg(&self.files.ca_file)
+            .args(["--tls-auth-clients", "optional"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.args)
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start redis-server: {e}; {INSTALL}"));
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: the server vanishes without a goodbye (as in a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port (with the same data directory and arguments).
+    pub async fn start_again(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        self.launch();
+        self.wait_ready().await;
+    }
+
+    /// Starts a server without waiting for it to answer (its certificate may be one the helper refuses).
+    pub fn spawn_unchecked(files: &TlsFiles, args: &[&str]) -> Self {
+        Self::spawn(files, "", None, args)
+    }
+
+    /// Waits (at most 10 s) until the server accepts TCP connections.
+    pub async fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "TLS redis-server on port {} not listening within 10 s; log: {}",
+                self.port,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `rediss://{userinfo}@127.0.0.1:{port}` (`userinfo` like `alice:secret`; `""` for none).
+    pub fn url(&self, userinfo: &str) -> String {
+        match userinfo {
+            "" => format!("rediss://127.0.0.1:{}", self.port),
+            u => format!("rediss://{u}@127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// A connection as `ready_user`, trusting the test CA.
+    pub async fn conn(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client_tls = self
+            .client
+            .as_ref()
+            .map(|(cert, key)| redis::ClientTlsConfig {
+                client_cert: std::fs::read(cert).expect("client certificate"),
+                client_key: std::fs::read(key).expect("client key"),
+            });
+        let client = redis::Client::build_with_tls(
+            self.url(&self.ready_user),
+            redis::TlsCertificates {
+                client_tls,
+                root_cert: Some(std::fs::read(&self.files.ca_file).expect("CA file")),
+            },
+        )?;
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "connect timeout",
+            ))),
+        }
+    }
+
+    /// Waits (at most 10 s) until the server answers PING over TLS.
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let error = match self.conn().await {
+                Ok(mut c) => match redis::cmd("PING").query_async::<String>(&mut c).await {
+                    Ok(_) => return,
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                Instant::now() < deadline,
+                "TLS redis-server on port {} did not answer within 10 s ({error}); log: {}",
+                self.port,
+                std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for TlsRedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Redis Cluster of three TLS-only masters (`--tls-cluster yes`), each a [`TlsRedisServer`].
+pub struct TlsRedisCluster {
+    pub nodes: Vec<TlsRedisServer>,
+}
+
+impl TlsRedisCluster {
+    /// Starts the nodes with `args` (ACL users) and joins them with `redis-cli --tls --cluster create`,
+    /// authenticating as `ready_user` (`user:password`).
+    pub async fn start(files: &TlsFiles, ready_user: &str, args: &[&str]) -> Self {
+        check_installed("redis-cli");
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let mut node_args = vec![
+                "--cluster-enabled",
+                "yes",
+                "--tls-cluster",
+                "yes",
+                "--cluster-node-timeout",
+                "5000",
+            ];
+            node_args.extend_from_slice(args);
+            // The cluster config file goes to the node's own --dir.
+            nodes.push(TlsRedisServer::spawn(files, ready_user, None, &node_args));
+        }
+        for node in &nodes {
+            node.wait_ready().await;
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let (user, pass) = ready_user.split_once(':').expect("user:password");
+        let out = Command::new("redis-cli")
+            .arg("--tls")
+            .arg("--cacert")
+            .arg(&files.ca_file)
+            .args(["--user", user, "--pass", pass, "--no-auth-warning"])
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run redis-cli: {e}; {INSTALL}"));
+        assert!(
+            out.status.success(),
+            "redis-cli --tls --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = Self { nodes };
+        cluster.wait_ok().await;
+        cluster
+    }
+
+    /// Waits (at most 20 s) until every node reports `cluster_state:ok`.
+    async fn wait_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for node in &self.nodes {
+            loop {
+                let mut c = node.conn().await.expect("connect to a TLS cluster node");
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut c)
+                    .await
+                    .expect("CLUSTER INFO");
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "TLS cluster not ok within 20 s: {info}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    /// Seed URLs as `userinfo`, comma-separated.
+    pub fn url(&self, userinfo: &str) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.url(userinfo))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}

@@ -13,67 +13,14 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::{FutureExt as _, StreamExt as _};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, IntoConnectionInfo, ProtocolVersion, PushInfo, RedisError, RedisFuture, Value};
 use tokio::sync::mpsc;
 
+use super::target::Nodes;
+// Re-exported: the subscriber names the target through this module.
+pub(super) use super::target::Target;
 use crate::bus::BusError;
-
-/// Where Redis is.
-#[derive(Clone, Debug)]
-pub enum Target {
-    /// One server (`redis://host:port/db`).
-    Standalone(String),
-    /// Seed nodes of a Redis Cluster.
-    Cluster(Vec<String>),
-}
-
-impl Target {
-    /// Reads `--redis-url`: a `redis://` / `rediss://` URL, or with `cluster` (or a `redis+cluster://` /
-    /// `rediss+cluster://` URL) one or more comma-separated seed URLs of a cluster.
-    pub fn parse(url: &str, cluster: bool) -> Result<Self, String> {
-        let mut urls: Vec<String> = url
-            .split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .map(str::to_owned)
-            .collect();
-        let mut cluster = cluster;
-        for u in &mut urls {
-            for (from, to) in [
-                ("redis+cluster://", "redis://"),
-                ("rediss+cluster://", "rediss://"),
-            ] {
-                if let Some(rest) = u.strip_prefix(from) {
-                    *u = format!("{to}{rest}");
-                    cluster = true;
-                }
-            }
-        }
-        if urls.is_empty() {
-            return Err("--redis-url is empty".into());
-        }
-        for u in &urls {
-            u.as_str()
-                .into_connection_info()
-                .map_err(|e| format!("invalid Redis URL {u:?}: {e}"))?;
-        }
-        match (cluster, urls.len()) {
-            (true, _) => Ok(Self::Cluster(urls)),
-            (false, 1) => Ok(Self::Standalone(urls.remove(0))),
-            (false, _) => Err(
-                "several Redis URLs given: pass --redis-cluster (or redis+cluster:// URLs) for a cluster"
-                    .into(),
-            ),
-        }
-    }
-
-    /// True for a cluster.
-    pub fn is_cluster(&self) -> bool {
-        matches!(self, Self::Cluster(_))
-    }
-}
 
 /// A connection to Redis, standalone or cluster. Cheap to clone; clones share the connection.
 #[derive(Clone)]
@@ -115,20 +62,21 @@ impl ConnectionLike for Conn {
 impl Conn {
     /// The command connection: no waiting for reconnects, every call bounded by `timeout`.
     pub(crate) async fn commands(target: &Target, timeout: Duration) -> Result<Self, RedisError> {
-        match target {
-            Target::Standalone(url) => {
+        match &target.nodes {
+            Nodes::Standalone(url) => {
                 let config = ConnectionManagerConfig::new()
                     // A call during an outage tries one connection and fails: never a queue of waiters.
                     .set_number_of_retries(0)
                     .set_connection_timeout(Some(timeout))
                     .set_response_timeout(Some(timeout));
-                let client = redis::Client::open(url.as_str())?;
+                let client = target.client(url.as_str().into_connection_info()?)?;
                 Ok(Conn::Standalone(
                     ConnectionManager::new_with_config(client, config).await?,
                 ))
             }
-            Target::Cluster(urls) => {
-                let client = ClusterClientBuilder::new(urls.clone())
+            Nodes::Cluster(urls) => {
+                let client = target
+                    .cluster_builder(urls)
                     .retries(2)
                     .min_retry_wait(10)
                     .max_retry_wait(200)
@@ -146,14 +94,14 @@ impl Conn {
         timeout: Duration,
         queue: PushQueue,
     ) -> Result<Self, RedisError> {
-        match target {
-            Target::Standalone(url) => {
+        match &target.nodes {
+            Nodes::Standalone(url) => {
                 let info = url.as_str().into_connection_info()?;
                 let settings = info
                     .redis_settings()
                     .clone()
                     .set_protocol(ProtocolVersion::RESP3);
-                let client = redis::Client::open(info.set_redis_settings(settings))?;
+                let client = target.client(info.set_redis_settings(settings))?;
                 // The subscriber task resubscribes itself after a reconnect (and then reads what it
                 // missed), so the manager's automatic resubscription is not used.
                 let config = ConnectionManagerConfig::new()
@@ -166,8 +114,9 @@ impl Conn {
                     ConnectionManager::new_with_config(client, config).await?,
                 ))
             }
-            Target::Cluster(urls) => {
-                let client = ClusterClientBuilder::new(urls.clone())
+            Nodes::Cluster(urls) => {
+                let client = target
+                    .cluster_builder(urls)
                     .use_protocol(ProtocolVersion::RESP3)
                     .push_sender(queue)
                     .connection_timeout(timeout)
@@ -250,6 +199,79 @@ impl Conn {
             Conn::Cluster(c) => c.sunsubscribe(channel).await,
         }
     }
+}
+
+/// Opens the command connection at start-up. A failure says what to change: the credentials, the
+/// certificates, or the scheme (a TLS port answers a plain client by closing the connection; a plain port
+/// never completes a TLS handshake, so that shows as a timeout).
+pub(crate) async fn connect(target: &Target, timeout: Duration) -> Result<Conn, BusError> {
+    match tokio::time::timeout(timeout, Conn::commands(target, timeout)).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(start_error(target, &e)),
+        Err(_) => Err(BusError::Unavailable(format!(
+            "Redis did not answer within {} ms (--redis-timeout-ms){}",
+            timeout.as_millis(),
+            if target.is_tls() {
+                "; if that port does not speak TLS, use a redis:// URL"
+            } else {
+                ""
+            }
+        ))),
+    }
+}
+
+/// What a failed start-up connection means, for the operator.
+fn start_error(target: &Target, e: &RedisError) -> BusError {
+    let text = e.to_string();
+    // NOPERM, also as redis-rs words it when set-up commands fail ("... has no permissions to run").
+    if e.code() == Some("NOPERM") || text.contains("no permissions") {
+        return BusError::Misconfigured(format!(
+            "Redis's ACL denies the user a command lamplight needs: {e}. Allow it lamplight's \
+             commands, keys (~lamplight:*) and channels (&lamplight:*)"
+        ));
+    }
+    if e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("WRONGPASS" | "NOAUTH"))
+    {
+        return BusError::Misconfigured(format!(
+            "Redis refused the credentials: {e}. Give the ACL user and its password in --redis-url \
+             (rediss://user:password@host:port, special characters percent-encoded; \
+             rediss://:password@host:port for requirepass)"
+        ));
+    }
+    if target.is_tls() && text.contains("CertificateRequired") {
+        return BusError::Misconfigured(format!(
+            "Redis asks for a client certificate: {e}. Give --redis-client-cert-file and \
+             --redis-client-key-file (a certificate of a CA the server trusts)"
+        ));
+    }
+    if target.is_tls() && text.contains("invalid peer certificate") {
+        return BusError::Misconfigured(format!(
+            "TLS with Redis failed: {e}. The server's certificate must be signed by a CA in the \
+             system's roots or in --redis-ca-file, and name the host of --redis-url"
+        ));
+    }
+    if target.is_tls() && text.to_ascii_lowercase().contains("certificate") {
+        return BusError::Misconfigured(format!(
+            "TLS with Redis failed: {e}. Check --redis-ca-file, --redis-client-cert-file and \
+             --redis-client-key-file"
+        ));
+    }
+    if target.is_tls() && e.is_timeout() {
+        return BusError::Unavailable(format!(
+            "Redis did not complete the TLS set-up in time: {e}. If that port does not speak TLS, \
+             use a redis:// URL"
+        ));
+    }
+    // Reset, EOF, broken pipe (a refused connection is not that: nothing listens there).
+    let closed = e.is_connection_dropped() && !e.is_connection_refusal();
+    if !target.is_tls() && closed {
+        return BusError::Unavailable(format!(
+            "Redis closed the connection during set-up: {e}. If that port speaks TLS, use a \
+             rediss:// URL"
+        ));
+    }
+    classify("connect", e)
 }
 
 /// Runs `fut` (a Redis call) for at most `timeout`, mapping failures to [`BusError`].
@@ -401,28 +423,5 @@ mod tests {
         assert!(!queue.take_overflow(), "taking one made room");
         assert!(queue.send(message(20_000)).is_ok());
         assert!(queue.take_overflow(), "larger than the whole bound");
-    }
-
-    #[test]
-    fn parses_standalone_and_cluster_targets() {
-        assert!(matches!(
-            Target::parse("redis://127.0.0.1:7000/0", false),
-            Ok(Target::Standalone(_))
-        ));
-        match Target::parse(
-            "redis+cluster://127.0.0.1:7000,redis://127.0.0.1:7001",
-            false,
-        ) {
-            Ok(Target::Cluster(urls)) => {
-                assert_eq!(urls, ["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"])
-            }
-            other => panic!("{other:?}"),
-        }
-        assert!(Target::parse("redis://a:1,redis://b:2", true)
-            .unwrap()
-            .is_cluster());
-        assert!(Target::parse("redis://a:1,redis://b:2", false).is_err());
-        assert!(Target::parse("", false).is_err());
-        assert!(Target::parse("http://x", false).is_err());
     }
 }

@@ -14,6 +14,9 @@
 //!   stream (or sends `Reset`); [`health`] reports a real pub/sub round trip.
 //! - **Presence** is kept in Redis with per-node heartbeats ([`presence`]).
 //! - **Cluster**: sharded pub/sub and hash-tagged keys ([`keys`]), so a room lives on one shard.
+//! - **TLS and ACL**: `rediss://` URLs with the user and password in them, certificates from
+//!   `--redis-ca-file` and the client certificate flags ([`target`]); start-up failures name what to
+//!   change ([`conn::connect`]).
 
 mod conn;
 mod eviction;
@@ -24,6 +27,7 @@ mod presence;
 mod rooms;
 mod scripts;
 mod subscriber;
+mod target;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,9 +38,9 @@ use prost::Message as _;
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-pub use conn::Target;
 pub use health::PROBE_EVERY;
 pub(crate) use ids::random_token;
+pub use target::{Target, TlsFiles};
 
 use self::conn::{bounded, Conn};
 use self::ids::{EventId, StreamId};
@@ -58,6 +62,8 @@ use crate::wire::SharedResponse;
 pub struct RedisOptions {
     /// Where Redis is.
     pub target: Target,
+    /// Certificates for a `rediss://` target (read at connect).
+    pub tls: TlsFiles,
     /// Bound on every Redis call a request waits for (publish, history read, presence).
     pub timeout: Duration,
     /// Presence entries of a node expire this long after its last heartbeat (heartbeats every third).
@@ -95,13 +101,23 @@ impl RedisBus {
             Some(id) => id.as_str().into(),
             None => random_token(12).into(),
         };
+        let target = options
+            .target
+            .clone()
+            .with_tls(&options.tls)
+            .map_err(BusError::Misconfigured)?;
+        if target.is_tls() {
+            // redis-rs builds its rustls configs with the process's default provider: make it ring (the
+            // one this crate builds rustls with), whatever else may be linked in. Already set is fine.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
         let settings = RoomSettings {
             history_size: options.history_size.max(1),
             ttl_ms: (options.history_ttl.as_millis() as u64).max(1000),
-            sharded: options.target.is_cluster(),
+            sharded: target.is_cluster(),
         };
         let timeout = options.timeout;
-        let cmd = bounded(timeout, "connect", Conn::commands(&options.target, timeout)).await?;
+        let cmd = conn::connect(&target, timeout).await?;
         eviction::check(&cmd, timeout, options.allow_eviction).await?;
         let cancel = CancellationToken::new();
         let (table, commands) = RoomTable::new();
@@ -111,7 +127,7 @@ impl RedisBus {
         let subscriber = Subscriber::connect(SubscriberParts {
             table: table.clone(),
             commands,
-            target: options.target.clone(),
+            target: target.clone(),
             timeout,
             cmd: cmd.clone(),
             settings,
@@ -150,6 +166,7 @@ impl RedisBus {
         tracing::info!(
             node = %node,
             cluster = settings.sharded,
+            tls = target.is_tls(),
             "connected to Redis"
         );
         Ok(Self {
