@@ -2,9 +2,10 @@
 # CI for the browser client (clients/web), run from anywhere:
 #   npm ci -> generated code up to date with proto/ -> tsc --noEmit -> build -> Vitest unit tests -> e2e tests
 #   (real lamplight from target/debug, gRPC publishers, Debian's Chromium via playwright-core, a private
-#   redis-server). Prints a `web-unit: N passed, N failed` and a `web-e2e: ...` line; exits non-zero on any
-#   failure. Needs: `cargo build` done, `apt-get install -y chromium redis-server` (never a browser
-#   download). The board screenshot lands in <repo>/target/web-artifacts/board.png.
+#   redis-server, certificates made at run time by the openssl CLI for the HTTPS run). Prints a
+#   `web-unit: N passed, N failed` and a `web-e2e: ...` line; exits non-zero on any failure. Needs:
+#   `cargo build` done, `apt-get install -y chromium redis-server openssl` (never a browser download).
+#   The board screenshot lands in <repo>/target/web-artifacts/board.png.
 set -euo pipefail
 
 PKG="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,6 +20,7 @@ step() { echo; echo "=== web: $* ==="; }
 [[ -x "$BIN" ]] || fail "$BIN is missing: build it first (cd $ROOT && cargo build)"
 [[ -x "$CHROMIUM" ]] || fail "$CHROMIUM is missing: apt-get install -y chromium (do not download a browser)"
 command -v redis-server >/dev/null || fail "redis-server is missing: apt-get install -y redis-server"
+command -v openssl >/dev/null || fail "openssl is missing (the HTTPS e2e makes its certificates with it): apt-get install -y openssl"
 command -v node >/dev/null || fail "node is missing"
 export LAMPLIGHT_BIN="$BIN" CHROMIUM_PATH="$CHROMIUM"
 

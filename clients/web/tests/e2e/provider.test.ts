@@ -83,7 +83,9 @@ describe("LamplightProvider", () => {
     await define("d", { tokens: [userToken({ sub: "pd", projects: ["p1"] })] });
     await render({ baseUrl: server.url, source: "d" });
     await probe("connected pd");
-    const id = await pub.task("user:pd", "task.created", { id: "for-pd" });
+    // The publisher's token has no tenant: it names the user's room in full (the page joined `user:pd`,
+    // the shorthand in its token's tenant t1, and hears it under that name).
+    const id = await pub.task("tenant:t1:user:pd", "task.created", { id: "for-pd" });
     await page.waitForFunction((want) => (window as unknown as HarnessWindow).harness.cursor("user:pd") === want, id, { timeout: UI_WAIT });
 
     await render({ baseUrl: server.url, source: "d", heartbeatIntervalMs: 1500 });

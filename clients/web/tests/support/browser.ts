@@ -30,13 +30,24 @@ export interface TestBrowser {
   close(): Promise<void>;
 }
 
+/** Options of {@link launchChromium}. */
+export interface ChromiumOptions {
+  /**
+   * base64 SHA-256 SPKI hashes of certificates to trust (`--ignore-certificate-errors-spki-list`): a chain
+   * containing one of them is accepted, any other certificate error still fails the page, as it would
+   * for a user. Takes effect because playwright always passes a `--user-data-dir`.
+   */
+  trustSpki?: string[];
+}
+
 /** Launches Chromium with a fresh profile (each context is a separate person). */
-export async function launchChromium(): Promise<TestBrowser> {
+export async function launchChromium(options: ChromiumOptions = {}): Promise<TestBrowser> {
   requireChromium();
+  const trust = options.trustSpki?.length ? [`--ignore-certificate-errors-spki-list=${options.trustSpki.join(",")}`] : [];
   const browser = await chromium.launch({
     executablePath: CHROMIUM,
     headless: true,
-    args: CHROMIUM_ARGS,
+    args: [...CHROMIUM_ARGS, ...trust],
     timeout: 60_000,
   });
   return {
@@ -48,7 +59,7 @@ export async function launchChromium(): Promise<TestBrowser> {
 }
 
 export interface DemoServer {
-  /** http://127.0.0.1:PORT: also the origin to allow in lamplight's CORS list. */
+  /** http(s)://127.0.0.1:PORT: also the origin to allow in lamplight's CORS list. */
   url: string;
   close(): Promise<void>;
 }
@@ -72,10 +83,24 @@ export async function serveDemo(): Promise<DemoServer> {
  * Builds the React harness page (tests/harness) into a temporary directory and serves it: a page whose
  * `<LamplightProvider>` props the test changes through `window.harness`.
  */
-export async function serveHarness(): Promise<DemoServer> {
-  const outDir = mkdtempSync(path.join(tmpdir(), "lamplight-harness-"));
+export function serveHarness(): Promise<DemoServer> {
+  return servePage(HARNESS_DIR);
+}
+
+/** A PEM certificate chain and key: serve the page over HTTPS. */
+export interface PageTls {
+  cert: string;
+  key: string;
+}
+
+/**
+ * Builds the page in `root` (an `index.html` and its scripts) into a temporary directory and serves it
+ * on a free loopback port, over HTTPS when `tls` is given.
+ */
+export async function servePage(root: string, tls?: PageTls): Promise<DemoServer> {
+  const outDir = mkdtempSync(path.join(tmpdir(), "lamplight-page-"));
   const config: InlineConfig = {
-    root: HARNESS_DIR,
+    root,
     configFile: false,
     logLevel: "warn",
     build: {
@@ -92,9 +117,12 @@ export async function serveHarness(): Promise<DemoServer> {
   };
   await build(config);
   const port = await freePort();
-  const server = await preview({ ...config, preview: { port, host: "127.0.0.1", strictPort: true, open: false } });
+  const server = await preview({
+    ...config,
+    preview: { port, host: "127.0.0.1", strictPort: true, open: false, ...(tls ? { https: tls } : {}) },
+  });
   return {
-    url: `http://127.0.0.1:${port}`,
+    url: `${tls ? "https" : "http"}://127.0.0.1:${port}`,
     async close() {
       await server.close();
       rmSync(outDir, { recursive: true, force: true });

@@ -8,6 +8,8 @@ export const REPO_ROOT = path.resolve(PACKAGE_DIR, "../..");
 export const DEMO_DIR = path.join(PACKAGE_DIR, "demo");
 /** The page the React e2e tests drive (built at test time, see `serveHarness`). */
 export const HARNESS_DIR = path.join(PACKAGE_DIR, "tests", "harness");
+/** A page that is one tab of an app: a browser client driven through `window.tab` (see `servePage`). */
+export const TABS_DIR = path.join(PACKAGE_DIR, "tests", "tabs");
 export const LAMPLIGHT_BIN = process.env.LAMPLIGHT_BIN ?? path.join(REPO_ROOT, "target", "debug", "lamplight");
 export const CHROMIUM = process.env.CHROMIUM_PATH ?? "/usr/bin/chromium";
 export const REDIS_SERVER = process.env.REDIS_SERVER ?? "redis-server";

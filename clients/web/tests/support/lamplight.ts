@@ -94,13 +94,15 @@ export interface LamplightOptions {
   heartbeatSecs?: number;
   corsOrigins?: string[];
   redisUrl?: string;
+  /** Serve TLS on the port (`--tls-cert-file`, `--tls-key-file`): `url` is then `https://`. */
+  tls?: { certFile: string; keyFile: string };
   extraArgs?: string[];
 }
 
 /** A running lamplight. */
 export interface LamplightServer {
   readonly port: number;
-  /** http://127.0.0.1:PORT: gRPC and grpc-web. */
+  /** http://127.0.0.1:PORT (https:// with `tls`): gRPC and grpc-web. */
   readonly url: string;
   readonly pid: number | undefined;
   /** Everything it printed. */
@@ -127,6 +129,7 @@ export async function startLamplight(options: LamplightOptions = {}): Promise<La
   ];
   if (options.corsOrigins?.length) args.push("--cors-origins", options.corsOrigins.join(","));
   if (options.redisUrl) args.push("--redis-url", options.redisUrl);
+  if (options.tls) args.push("--tls-cert-file", options.tls.certFile, "--tls-key-file", options.tls.keyFile);
   args.push(...(options.extraArgs ?? []));
   // The secret the tests (and the demo's dev backend) mint with; nothing else from the environment that
   // lamplight reads (LAMPLIGHT_*, REDIS_URL) leaks in: a memory-bus test must never reach a shared Redis.
@@ -140,7 +143,7 @@ export async function startLamplight(options: LamplightOptions = {}): Promise<La
   await waitForOutput(proc, "lamplight listening", 30_000, `lamplight on port ${port}`, log);
   return {
     port,
-    url: `http://127.0.0.1:${port}`,
+    url: `${options.tls ? "https" : "http"}://127.0.0.1:${port}`,
     pid: proc.pid,
     output: () => log.join(""),
     async stop() {
@@ -184,8 +187,12 @@ export class Publisher {
   readonly client: Client<typeof EventService>;
   private readonly token = publisherToken();
 
-  constructor(url: string) {
-    this.client = createClient(EventService, createGrpcTransport({ baseUrl: url }));
+  /** `caPem`: the CA to trust for an `https://` url (the test's own; never the system store alone). */
+  constructor(url: string, caPem?: string) {
+    this.client = createClient(
+      EventService,
+      createGrpcTransport({ baseUrl: url, ...(caPem ? { nodeOptions: { ca: caPem } } : {}) }),
+    );
   }
 
   /** Publishes a task event; returns the event id. */
