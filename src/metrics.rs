@@ -62,7 +62,7 @@ pub const JWKS_FETCH_FAILURES: &str = "lamplight_jwks_fetch_failures_total";
 pub const JWKS_KEYS: &str = "lamplight_jwks_keys";
 /// Reloads of the TLS certificate, by result (`loaded`, `refused`: the old pair stays).
 pub const TLS_RELOADS: &str = "lamplight_tls_reloads_total";
-/// Reconnections of the Redis bus.
+/// Recoveries of the Redis bus's pub/sub: reconnections, and overflows of its queue (both re-read the rooms' streams).
 pub const REDIS_RECONNECTS: &str = "lamplight_redis_reconnects_total";
 /// Redis channel subscriptions this node holds.
 pub const REDIS_SUBSCRIPTIONS: &str = "lamplight_redis_subscriptions";

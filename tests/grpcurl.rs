@@ -14,6 +14,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+#[path = "support/tls.rs"]
+#[allow(dead_code)]
+mod tls_support;
+
 /// Every wait on a child process is bounded by this.
 const WAIT: Duration = Duration::from_secs(20);
 const ROOM: &str = "tenant:t1:project:p1";
@@ -219,6 +223,11 @@ struct Server {
 
 impl Server {
     fn start() -> Server {
+        Self::start_with(&[])
+    }
+
+    /// [`Server::start`] with more flags.
+    fn start_with(flags: &[&str]) -> Server {
         // The port is found free, released, then bound by the server: another process may take it in
         // between, so a failure to listen is retried on another port.
         for _ in 0..5 {
@@ -232,6 +241,7 @@ impl Server {
                 "lamplight",
                 lamplight()
                     .args(["--listen", &addr])
+                    .args(flags)
                     .env("RUST_LOG", "info")
                     .env("NO_COLOR", "1"),
             );
@@ -452,4 +462,49 @@ fn readme_subscribe_publish_and_presence() {
         "the status names the resume position: {ended}"
     );
     assert!(!subscriber.wait_exit().success());
+}
+
+/// "Run it in production": grpcurl against a TLS server with `-cacert` (a private CA made here).
+#[test]
+fn readme_grpcurl_with_tls() {
+    let dir = tls_support::TempDir::new("grpcurl-tls");
+    let ca = tls_support::TestCa::new();
+    let pair = ca.issue(&["localhost", "127.0.0.1"]);
+    let cert = dir.write("tls.crt", &pair.cert_pem);
+    let key = dir.write("tls.key", &pair.key_pem);
+    let ca_file = dir.write("ca.pem", &ca.cert_pem());
+    let ca_file = ca_file.to_str().unwrap();
+    let server = Server::start_with(&[
+        "--tls-cert-file",
+        cert.to_str().unwrap(),
+        "--tls-key-file",
+        key.to_str().unwrap(),
+    ]);
+    let addr = server.addr.as_str();
+
+    // grpcurl -cacert ca.pem localhost:50051 list
+    let list = grpcurl_ok(&["-cacert", ca_file, addr, "list"]);
+    assert!(list.contains("lamplight.v1.EventService"), "{list}");
+
+    // grpcurl -cacert ca.pem -H "authorization: Bearer $PUBLISHER" -d '{...}' localhost:50051 .../Publish
+    let publisher = mint(&["--sub", "svc", "--roles", "publisher"]);
+    let published = grpcurl_ok(&[
+        "-cacert",
+        ca_file,
+        "-H",
+        &format!("authorization: Bearer {publisher}"),
+        "-d",
+        r#"{"event":{"room":"tenant:t1:project:p1","type":"task.created","task":{"id":"43"}}}"#,
+        addr,
+        "lamplight.v1.EventService/Publish",
+    ]);
+    let published: Value = serde_json::from_str(&published).expect("Publish prints JSON");
+    assert!(
+        published["id"].as_str().is_some_and(|id| !id.is_empty()),
+        "{published}"
+    );
+
+    // Without the CA (or in plaintext) it does not connect.
+    assert!(!grpcurl_run(&[addr, "list"]).status.success());
+    assert!(!grpcurl_run(&["-plaintext", addr, "list"]).status.success());
 }

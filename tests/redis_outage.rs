@@ -342,6 +342,8 @@ async fn ids_keep_increasing_through_catch_ups_with_typing_in_flight() {
         use_redis(c, &via_proxy);
         c.history_size = 100_000;
         c.stream_queue = 100_000;
+        // A catch-up brings up to 63 rooms x 100 events x 8 KiB at once: above the default byte bound.
+        c.stream_queue_bytes = 256 * 1024 * 1024;
     })
     .await;
     let others: Vec<String> = (0..63).map(|i| format!("tenant:t1:channel:q{i}")).collect();

@@ -180,6 +180,8 @@ impl Subscriber {
             }
             if self.queue.take_overflow() {
                 tracing::warn!("pub/sub queue overflowed: re-reading the rooms' streams");
+                // A recovery like a reconnection: the rooms are read again from their streams.
+                metrics::counter!(REDIS_RECONNECTS).increment(1);
                 self.fault_all();
             }
         }
