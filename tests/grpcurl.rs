@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 #[path = "support/tls.rs"]
-#[allow(dead_code)]
 mod tls_support;
 
 /// Every wait on a child process is bounded by this.
