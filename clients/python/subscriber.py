@@ -4,6 +4,10 @@
     LAMPLIGHT_TOKEN=$(lamplight token --sub u1 --tid t1 --projects p1)
     python subscriber.py --room tenant:t1:project:p1
 
+Rooms belong to a tenant: `tenant:{tid}`, `tenant:{tid}:user:{sub}`, `tenant:{tid}:project:{pid}`,
+`tenant:{tid}:channel:{cid}`; `user:{sub}` is shorthand for the token's own tenant. The server answers in
+the name you subscribed with, so the `since` map below is keyed by your names either way.
+
 Only the generated stubs (`generate.sh`) and grpcio are used: this is the contract as any stack sees it.
 """
 
