@@ -110,6 +110,14 @@ async fn unsubscribe_reaches_streams(a: &TestServer, b: &TestServer) {
         .await
         .unwrap();
 
+    assert_eq!(
+        get_presence(&mut other_user, PROJECT)
+            .await
+            .unwrap()
+            .user_ids,
+        ["u1", "u2"]
+    );
+
     let mut admin = admin_client(a, &admin_token("t1")).await;
     admin
         .unsubscribe(unsubscribe("u1", PROJECT, "left the project"))
@@ -138,6 +146,30 @@ async fn unsubscribe_reaches_streams(a: &TestServer, b: &TestServer) {
         task_of(next_message(&mut unaffected).await),
         (CHANNEL.into(), "c-after".into()),
         "a stream of the user without the room gets nothing but its events"
+    );
+    // The removed stream no longer counts in the room's presence (its other rooms keep it).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let users = get_presence(&mut other_user, PROJECT)
+            .await
+            .unwrap()
+            .user_ids;
+        if users == ["u2"] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "u1 still in the project's presence: {users:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        get_presence(&mut other_user, CHANNEL).await.unwrap(),
+        lamplight::proto::v1::GetPresenceResponse {
+            user_count: 1,
+            connection_count: 2,
+            user_ids: vec!["u1".into()],
+        }
     );
 
     // The canonical name reaches the stream that used the shorthand, which sees its own name.

@@ -235,6 +235,10 @@ pub trait Bus: Send + Sync + 'static {
     /// reordered.
     async fn connect(&self, member: &Member, rooms: &[String]) -> Result<(), BusError>;
 
+    /// That connection left `room` (`AdminService.Unsubscribe`): it no longer counts there, and still
+    /// does in its other rooms (a later [`Bus::disconnect`] names only those).
+    async fn leave(&self, member: &Member, room: &str) -> Result<(), BusError>;
+
     /// Removes that connection; after the user's last one, publishes `UserStatus OFFLINE`.
     async fn disconnect(&self, member: &Member, rooms: &[String]) -> Result<(), BusError>;
 

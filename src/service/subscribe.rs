@@ -10,7 +10,7 @@
 //!
 //! Membership commands ([`crate::admin`]) reach the stream through its registration: a removed room is
 //! detached and announced with `Removed` (events of it still queued are dropped, and it leaves the resume
-//! map); a disconnect ends the stream with `PERMISSION_DENIED`, a revocation of its token with
+//! map and the room's presence); a disconnect ends the stream with `PERMISSION_DENIED`, a revocation of its token with
 //! `UNAUTHENTICATED` and the resume map. They are acted on in the live loop; during a replay only an
 //! ending is (between pages), a removal waits for the replay's end.
 
@@ -150,7 +150,7 @@ impl EventApi {
         let stream = async_stream::stream! {
             // Dropped with the stream: detaches from the rooms, updates presence, frees the user's slot.
             let mut leases = leases;
-            let _presence = presence;
+            let mut presence = presence;
             let control = live.control().clone();
             let _live = live;
             // Rooms taken off by `AdminService.Unsubscribe` (canonical), and a disconnect's reason.
@@ -251,6 +251,7 @@ impl EventApi {
                                 let (taken_off, ending) = control.take();
                                 for (room, reason) in taken_off {
                                     leases.remove(&room);
+                                    presence.leave(&room).await;
                                     newest.forget(&room);
                                     let name = aliases.name(&room).to_owned();
                                     position.remove(&name);
@@ -498,6 +499,16 @@ impl PresenceGuard {
             member,
             rooms: rooms.to_vec(),
         })
+    }
+
+    /// The stream left `room` (canonical): it no longer counts there. A failure is logged (with Redis the
+    /// entry expires by itself).
+    async fn leave(&mut self, room: &str) {
+        let Some(member) = &self.member else { return };
+        self.rooms.retain(|r| r != room);
+        if let Err(e) = self.bus.leave(member, room).await {
+            tracing::warn!(user = %member.user_id, room, error = %e, "presence update failed");
+        }
     }
 }
 

@@ -300,6 +300,10 @@ impl Bus for RedisBus {
         self.presence.connect(&self.cmd, member, rooms).await
     }
 
+    async fn leave(&self, member: &Member, room: &str) -> Result<(), BusError> {
+        self.presence.leave(&self.cmd, member, room).await
+    }
+
     async fn disconnect(&self, member: &Member, _rooms: &[String]) -> Result<(), BusError> {
         self.presence.disconnect(&self.cmd, member).await
     }
