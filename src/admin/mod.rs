@@ -109,8 +109,10 @@ impl AdminApi {
 
     async fn revoke(&self, p: &Principal, req: RevokeTokensRequest) -> Result<(), ServiceError> {
         let (tenant, user) = target(p, req.user)?;
-        reason(req.reason)?;
+        // Not sent to the streams (they end as at token expiry): for the log only.
+        let reason = reason(req.reason)?;
         let issued_before = cutoff(req.issued_before)?;
+        tracing::info!(%tenant, %user, issued_before, %reason, by = %p.user_id, "revoking tokens");
         let revocation = Revocation {
             tenant,
             user,
