@@ -110,20 +110,25 @@ impl PresenceTable {
         }
     }
 
-    /// Removes a connection counted by [`Self::connect`] with the same arguments.
-    pub fn disconnect(&mut self, member: &Member, rooms: &[String]) -> Transition {
-        for room in rooms {
-            if let Some(users) = self.rooms.get_mut(room) {
-                if let Some(n) = users.get_mut(&member.user_id) {
-                    *n -= 1;
-                    if *n == 0 {
-                        users.remove(&member.user_id);
-                    }
-                }
-                if users.is_empty() {
-                    self.rooms.remove(room);
+    /// The connection left `room` (taken off its stream) and stays in its other rooms.
+    pub fn leave(&mut self, member: &Member, room: &str) {
+        if let Some(users) = self.rooms.get_mut(room) {
+            if let Some(n) = users.get_mut(&member.user_id) {
+                *n -= 1;
+                if *n == 0 {
+                    users.remove(&member.user_id);
                 }
             }
+            if users.is_empty() {
+                self.rooms.remove(room);
+            }
+        }
+    }
+
+    /// Removes a connection counted by [`Self::connect`] with the same arguments (less the rooms it left).
+    pub fn disconnect(&mut self, member: &Member, rooms: &[String]) -> Transition {
+        for room in rooms {
+            self.leave(member, room);
         }
         let key = (member.tenant.clone(), member.user_id.clone());
         match self.users.get_mut(&key) {

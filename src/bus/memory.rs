@@ -353,6 +353,11 @@ impl Bus for MemoryBus {
         Ok(())
     }
 
+    async fn leave(&self, member: &Member, room: &str) -> Result<(), BusError> {
+        lock(&self.inner.presence).leave(member, room);
+        Ok(())
+    }
+
     async fn disconnect(&self, member: &Member, rooms: &[String]) -> Result<(), BusError> {
         let mut presence = lock(&self.inner.presence);
         let transition = presence.disconnect(member, rooms);

@@ -257,6 +257,40 @@ impl Presence {
         result
     }
 
+    /// The connection left `room`: out of the room's set and of the node hash's record, and no longer
+    /// refreshed there by the heartbeat. On failure its entry expires by itself.
+    pub(crate) async fn leave(
+        &self,
+        conn: &Conn,
+        member: &Member,
+        room: &str,
+    ) -> Result<(), BusError> {
+        let stored = {
+            let mut local = lock(&self.local);
+            let Some(connection) = local.get_mut(&member.connection_id) else {
+                return Ok(());
+            };
+            connection.rooms.retain(|r| r != room);
+            serde_json::to_string(&StoredConnection {
+                user: member.user_id.clone(),
+                tenant: member.tenant.clone(),
+                rooms: connection.rooms.clone(),
+            })
+            .unwrap_or_default()
+        };
+        let mut c = conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.zrem(RoomKeys::new(room).presence, self.room_member(member))
+            .ignore()
+            .hset(
+                keys::node_connections(&self.node),
+                &member.connection_id,
+                stored,
+            )
+            .ignore();
+        bounded(self.timeout, "presence leave", pipe.exec_async(&mut c)).await
+    }
+
     /// Users and connections in `room`, across all nodes.
     pub(crate) async fn snapshot(
         &self,
