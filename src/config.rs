@@ -60,6 +60,9 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
 /// Default seconds a stream may have something to send and send nothing before it is ended: its client
 /// stopped reading (or granting HTTP/2 flow-control window).
 pub const DEFAULT_STREAM_STALL_SECS: u64 = 30;
+/// Default seconds a revocation (`AdminService.RevokeTokens`) is kept after its cutoff: the longest token
+/// lifetime (`exp - iat`) an identity provider usually issues is a day.
+pub const DEFAULT_REVOCATION_TTL_SECS: u64 = 86_400;
 /// Default HTTP/2 PING interval on idle and busy connections alike.
 pub const DEFAULT_HTTP2_KEEPALIVE_SECS: u64 = 20;
 /// Default wait for a PING acknowledgement before the connection is closed. With the interval, a dead peer
@@ -362,6 +365,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub stream_stall_secs: u64,
 
+    /// The longest token lifetime (`exp - iat`, seconds) you issue: a revocation (`RevokeTokens`) is kept
+    /// this long (plus the leeway) after its cutoff, when every token it refuses has expired anyway.
+    /// Tokens without `iat`, or living longer, are accepted again after that.
+    #[arg(long, env = "LAMPLIGHT_REVOCATION_TTL_SECS", default_value_t = DEFAULT_REVOCATION_TTL_SECS,
+          value_parser = clap::value_parser!(u64).range(60..=31_536_000))]
+    pub revocation_ttl_secs: u64,
+
     /// Seconds between HTTP/2 PINGs on every connection.
     #[arg(long, env = "LAMPLIGHT_HTTP2_KEEPALIVE_SECS", default_value_t = DEFAULT_HTTP2_KEEPALIVE_SECS,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -424,6 +434,7 @@ impl Config {
             max_streams_per_user: DEFAULT_MAX_STREAMS_PER_USER,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             stream_stall_secs: DEFAULT_STREAM_STALL_SECS,
+            revocation_ttl_secs: DEFAULT_REVOCATION_TTL_SECS,
             http2_keepalive_secs: DEFAULT_HTTP2_KEEPALIVE_SECS,
             http2_keepalive_timeout_secs: DEFAULT_HTTP2_KEEPALIVE_TIMEOUT_SECS,
             tcp_keepalive_secs: DEFAULT_TCP_KEEPALIVE_SECS,

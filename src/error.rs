@@ -9,7 +9,7 @@ use std::fmt;
 
 use tonic::{Code, Status};
 
-use crate::auth::AuthError;
+use crate::auth::{AuthError, TooManyRevocations};
 use crate::bus::BusError;
 use crate::metrics::AUTH_FAILURES;
 use crate::policy::Denied;
@@ -46,6 +46,11 @@ pub enum StreamEnd {
     Stalled,
     /// The server closed the stream's connection because another stream on it stalled.
     ConnectionClosed,
+    /// `AdminService.RevokeTokens` revoked the token the stream was opened with.
+    TokenRevoked,
+    /// `AdminService.Disconnect` ended every stream of the user (the status is
+    /// [`ServiceError::Disconnected`], which names the reason).
+    Disconnected,
 }
 
 impl fmt::Display for StreamEnd {
@@ -64,6 +69,10 @@ impl fmt::Display for StreamEnd {
             StreamEnd::ConnectionClosed => {
                 "connection closed by the server because another stream on it stopped reading"
             }
+            StreamEnd::TokenRevoked => {
+                "token revoked by an administrator: get a new token before resuming"
+            }
+            StreamEnd::Disconnected => "disconnected by an administrator: do not reconnect",
         })
     }
 }
@@ -96,6 +105,15 @@ pub enum ServiceError {
         user: String,
         /// `--max-streams-per-user`.
         limit: usize,
+    },
+    /// More revocations than the node holds ([`crate::auth::MAX_REVOCATIONS`]).
+    #[error(transparent)]
+    TooManyRevocations(#[from] TooManyRevocations),
+    /// `AdminService.Disconnect` ended the stream: final, the client must not reconnect.
+    #[error("disconnected by an administrator ({reason}): do not reconnect")]
+    Disconnected {
+        /// As the administrator gave it (or "no reason given").
+        reason: String,
     },
     /// The server ended a stream; `since` is the last event id delivered per room.
     #[error("{reason}; {}", resume_hint(.since))]
@@ -151,12 +169,14 @@ impl From<ServiceError> for Status {
                 tracing::error!(%cause, "bus failure");
                 return Status::internal("internal event bus error (logged on the server)");
             }
-            ServiceError::RateLimited(_) | ServiceError::TooManyStreams { .. } => {
-                Code::ResourceExhausted
-            }
+            ServiceError::RateLimited(_)
+            | ServiceError::TooManyStreams { .. }
+            | ServiceError::TooManyRevocations(_) => Code::ResourceExhausted,
+            ServiceError::Disconnected { .. } => Code::PermissionDenied,
             ServiceError::StreamEnded { reason, .. } => match reason {
                 StreamEnd::SlowConsumer | StreamEnd::Stalled => Code::ResourceExhausted,
-                StreamEnd::TokenExpired => Code::Unauthenticated,
+                StreamEnd::TokenExpired | StreamEnd::TokenRevoked => Code::Unauthenticated,
+                StreamEnd::Disconnected => Code::PermissionDenied,
                 StreamEnd::ShuttingDown
                 | StreamEnd::BusUnavailable
                 | StreamEnd::ConnectionClosed => Code::Unavailable,

@@ -9,9 +9,10 @@
 //! trait, several transports), [`presence`], [`ratelimit`], [`wire`] (pre-encoded responses), [`error`]
 //! (the one mapping to `tonic::Status`), [`server`] (assembly and middleware), [`listener`] (accepting
 //! connections, their limits and settings), [`limits`] (streams per user), [`watchdog`] (ending streams the
-//! server cannot write to), [`shutdown`], [`cli`].
+//! server cannot write to), [`admin`] (membership changes on live streams), [`shutdown`], [`cli`].
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod admin;
 pub mod auth;
 #[cfg(feature = "client")]
 pub mod bench;

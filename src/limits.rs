@@ -95,6 +95,7 @@ mod tests {
             channels: Default::default(),
             roles: Default::default(),
             valid_until: SystemTime::now(),
+            issued_at: None,
         }
     }
 

@@ -184,6 +184,8 @@ impl Drop for StreamGuard {
             Some(StreamEnd::BusUnavailable) => "bus_unavailable",
             Some(StreamEnd::Stalled) => "stalled",
             Some(StreamEnd::ConnectionClosed) => "connection_closed",
+            Some(StreamEnd::TokenRevoked) => "token_revoked",
+            Some(StreamEnd::Disconnected) => "disconnected",
         };
         metrics::counter!(STREAMS_ENDED, "reason" => reason).increment(1);
     }

@@ -10,6 +10,8 @@
 //!   that confinement has no exception.
 //! - Users must have `email_verified: true` (as in the seed) and may not `Publish`; they may `SetTyping`
 //!   in channel rooms they may join.
+//! - `AdminService` (membership changes of a tenant's users): role `publisher` (a publisher token with a
+//!   `tid` only for users of that tenant), or role `admin` for users of the admin's own tenant.
 
 use crate::auth::Principal;
 use crate::rooms::Room;
@@ -34,6 +36,14 @@ pub enum Denied {
     /// Only internal services publish.
     #[error("only tokens with role `publisher` may publish")]
     NotPublisher,
+    /// Not allowed to manage this tenant's users (`AdminService`).
+    #[error("not allowed to manage users of tenant {tenant}: {reason}")]
+    NotAdmin {
+        /// The target user's tenant.
+        tenant: String,
+        /// Why, in terms of the token's claims.
+        reason: &'static str,
+    },
 }
 
 /// `room` with the `user:{sub}` shorthand resolved in the token's tenant: the name the bus, presence and
@@ -113,6 +123,31 @@ pub fn may_type(p: &Principal, room: &Room) -> Result<(), Denied> {
     may_join(p, room)
 }
 
+/// May this principal change the memberships of users of `tenant` (`AdminService`)? Role `publisher`
+/// (confined to its `tid` if it has one), or role `admin` of that tenant.
+pub fn may_administer(p: &Principal, tenant: &str) -> Result<(), Denied> {
+    let deny = |reason| {
+        Err(Denied::NotAdmin {
+            tenant: tenant.to_owned(),
+            reason,
+        })
+    };
+    if p.is_publisher() {
+        return match p.tenant.as_deref() {
+            Some(own) if own != tenant => deny("the publisher token is confined to another tenant"),
+            _ => Ok(()),
+        };
+    }
+    let own = user_tenant(p)?;
+    if !p.is_admin() {
+        return deny("needs role `admin` of that tenant (or role `publisher`)");
+    }
+    if own != tenant {
+        return deny("the token is an admin of another tenant");
+    }
+    Ok(())
+}
+
 /// The tenant of a user token, after the checks every user call needs.
 fn user_tenant(p: &Principal) -> Result<&str, Denied> {
     if !p.email_verified {
@@ -152,6 +187,7 @@ mod tests {
             channels: ["c1".to_owned()].into(),
             roles: roles.iter().map(|r| r.to_string()).collect(),
             valid_until: SystemTime::now(),
+            issued_at: None,
         }
     }
 
@@ -249,6 +285,28 @@ mod tests {
             may_publish(&user(&[]), &room("tenant:t1")),
             Err(Denied::NotPublisher)
         );
+    }
+
+    #[test]
+    fn admins_manage_their_own_tenant_and_publishers_their_scope() {
+        assert_eq!(may_administer(&user(&["admin"]), "t1"), Ok(()));
+        assert!(may_administer(&user(&["admin"]), "t2").is_err());
+        assert!(may_administer(&user(&[]), "t1").is_err());
+        let mut unverified = user(&["admin"]);
+        unverified.email_verified = false;
+        assert_eq!(
+            may_administer(&unverified, "t1"),
+            Err(Denied::EmailNotVerified)
+        );
+        let mut svc = user(&["publisher"]);
+        svc.tenant = None;
+        assert_eq!(may_administer(&svc, "t9"), Ok(()));
+        svc.tenant = Some("t1".into());
+        assert_eq!(may_administer(&svc, "t1"), Ok(()));
+        assert!(matches!(
+            may_administer(&svc, "t9"),
+            Err(Denied::NotAdmin { .. })
+        ));
     }
 
     #[test]

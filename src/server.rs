@@ -10,12 +10,14 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::auth::{self, KeyError, Verifier};
+use crate::admin::{AdminApi, LiveStreams};
+use crate::auth::{self, KeyError, Revocations, Verifier};
 use crate::bus::memory::MemoryBus;
 use crate::bus::redis::{RedisBus, RedisOptions, Target};
 use crate::bus::{Bus, BusError};
 use crate::config::Config;
 use crate::listener::ConnectionSettings;
+use crate::proto::server::admin_service_server::AdminServiceServer;
 use crate::proto::server::event_service_server::EventServiceServer;
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::service::{EventApi, Limits};
@@ -64,11 +66,17 @@ pub async fn serve(
         );
     }
     let bus = build_bus(&config).await?;
+    // Membership commands: this node's revocations and open streams, kept current by the control channel
+    // (loaded and subscribed before the first call is accepted).
+    let revocations = Arc::new(Revocations::new());
+    let live = LiveStreams::new(revocations.clone());
+    crate::admin::start(bus.clone(), live.clone(), shutdown.clone()).await?;
     let api = EventApi::new(
         bus.clone(),
         Limits::from_config(&config),
         config.typing_per_sec,
         shutdown.clone(),
+        live.clone(),
     );
     // Bigger than the event limit, so an oversized event reaches our check and gets INVALID_ARGUMENT with
     // the limit named, instead of a transport error.
@@ -76,9 +84,19 @@ pub async fn serve(
         .max_event_bytes
         .saturating_mul(2)
         .saturating_add(4096);
+    let interceptor = auth::Interceptor::with_revocations(verifier, revocations);
     let events = InterceptedService::new(
         EventServiceServer::new(api).max_decoding_message_size(decode_limit),
-        auth::Interceptor::new(verifier),
+        interceptor.clone(),
+    );
+    let revocation_ttl = Duration::from_secs(
+        config
+            .revocation_ttl_secs
+            .saturating_add(config.jwt.jwt_leeway_secs),
+    );
+    let admin = InterceptedService::new(
+        AdminServiceServer::new(AdminApi::new(bus.clone(), live, revocation_ttl)),
+        interceptor,
     );
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -112,6 +130,7 @@ pub async fn serve(
     // slow consumers or shutdown): debug level. Real failures are logged where they happen.
     let quiet_failures = tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG);
     let routes = tonic::service::Routes::new(events)
+        .add_service(admin)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -297,6 +297,7 @@ fn readme_list_and_describe() {
     let services: Vec<&str> = list.lines().map(str::trim).collect();
     for needed in [
         "lamplight.v1.EventService",
+        "lamplight.v1.AdminService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     ] {
@@ -452,4 +453,109 @@ fn readme_subscribe_publish_and_presence() {
         "the status names the resume position: {ended}"
     );
     assert!(!subscriber.wait_exit().success());
+}
+
+#[test]
+fn readme_admin_api() {
+    let server = Server::start();
+    let addr = server.addr.as_str();
+    let token = mint(&[
+        "--sub",
+        "u1",
+        "--tid",
+        "t1",
+        "--projects",
+        "p1",
+        "--channels",
+        "c1",
+    ]);
+    // ADMIN=$(lamplight token --sub boss --tid t1 --roles admin)
+    let admin = mint(&["--sub", "boss", "--tid", "t1", "--roles", "admin"]);
+    let user_auth = format!("authorization: Bearer {token}");
+    let admin_auth = format!("authorization: Bearer {admin}");
+    let channel = "tenant:t1:channel:c1";
+
+    // In the background: u1 follows a project and a channel.
+    let mut subscriber = Proc::spawn(
+        "grpcurl Subscribe",
+        Command::new(grpcurl()).args([
+            "-plaintext",
+            "-H",
+            &user_auth,
+            "-d",
+            r#"{"rooms":["tenant:t1:project:p1","tenant:t1:channel:c1"]}"#,
+            addr,
+            "lamplight.v1.EventService/Subscribe",
+        ]),
+    );
+    subscriber.wait_for("the Subscribed message", |out, _| {
+        json_values(out)
+            .into_iter()
+            .find(|v| v.get("subscribed").is_some())
+    });
+
+    // Unsubscribe: the stream prints {"removed": {...}}.
+    let answer = grpcurl_ok(&[
+        "-plaintext",
+        "-H",
+        &admin_auth,
+        "-d",
+        r#"{"user":{"tenant_id":"t1","user_id":"u1"},"room":"tenant:t1:project:p1","reason":"removed from project p1"}"#,
+        addr,
+        "lamplight.v1.AdminService/Unsubscribe",
+    ]);
+    let answer: Value = serde_json::from_str(&answer).expect("Unsubscribe prints JSON");
+    assert_eq!(answer, serde_json::json!({}));
+    let removed = subscriber.wait_for("the Removed message", |out, _| {
+        json_values(out)
+            .into_iter()
+            .find(|v| v.get("removed").is_some())
+    });
+    assert_eq!(removed["removed"]["room"], ROOM, "{removed}");
+    assert_eq!(
+        removed["removed"]["reason"], "removed from project p1",
+        "{removed}"
+    );
+
+    // Disconnect: the stream ends with PERMISSION_DENIED naming the reason.
+    grpcurl_ok(&[
+        "-plaintext",
+        "-H",
+        &admin_auth,
+        "-d",
+        r#"{"user":{"tenant_id":"t1","user_id":"u1"},"reason":"account suspended"}"#,
+        addr,
+        "lamplight.v1.AdminService/Disconnect",
+    ]);
+    let ended = subscriber.wait_for("the end of the stream", |_, err| {
+        err.contains("Code: PermissionDenied")
+            .then(|| err.to_owned())
+    });
+    assert!(ended.contains("account suspended"), "{ended}");
+    assert!(!subscriber.wait_exit().success());
+
+    // RevokeTokens: the token is refused from now on.
+    grpcurl_ok(&[
+        "-plaintext",
+        "-H",
+        &admin_auth,
+        "-d",
+        r#"{"user":{"tenant_id":"t1","user_id":"u1"},"reason":"password changed"}"#,
+        addr,
+        "lamplight.v1.AdminService/RevokeTokens",
+    ]);
+    let refused = grpcurl_run(&[
+        "-plaintext",
+        "-H",
+        &user_auth,
+        "-d",
+        &format!(r#"{{"rooms":["{channel}"]}}"#),
+        addr,
+        "lamplight.v1.EventService/Subscribe",
+    ]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("Code: Unauthenticated"), "{stderr}");
+    assert!(stderr.contains("token revoked"), "{stderr}");
+    drop(server);
 }

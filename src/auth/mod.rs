@@ -6,6 +6,7 @@
 
 mod jwks;
 mod keys;
+mod revocations;
 mod token;
 
 use std::collections::HashSet;
@@ -18,6 +19,7 @@ use serde::Deserialize;
 
 pub use jwks::{JwksOptions, MAX_JWKS_BYTES};
 pub use keys::KeyError;
+pub use revocations::{Revocation, Revocations, TooManyRevocations, MAX_REVOCATIONS};
 pub use token::{mint_hs256, DevToken};
 
 use crate::config::JwtConfig;
@@ -62,6 +64,12 @@ pub enum AuthError {
     /// A required claim is missing or has the wrong type.
     #[error("invalid token claims: {0}")]
     InvalidClaims(String),
+    /// `AdminService.RevokeTokens` revoked this user's tokens issued before a time (or without `iat`).
+    #[error("token revoked: tokens of this user issued before {issued_before} (Unix seconds) are no longer accepted; get a new token")]
+    Revoked {
+        /// The cutoff, Unix seconds.
+        issued_before: u64,
+    },
 }
 
 /// The verified identity behind a call.
@@ -81,6 +89,8 @@ pub struct Principal {
     pub roles: HashSet<String>,
     /// When the token stops being accepted (`exp` plus the leeway): open streams end then.
     pub valid_until: SystemTime,
+    /// `iat`, Unix seconds, if the token has it (revocations compare it).
+    pub issued_at: Option<u64>,
 }
 
 impl Principal {
@@ -100,6 +110,8 @@ impl Principal {
 struct Claims {
     sub: String,
     exp: u64,
+    #[serde(default)]
+    iat: Option<u64>,
     #[serde(default)]
     tid: Option<String>,
     #[serde(default)]
@@ -276,6 +288,7 @@ impl Verifier {
             channels: claims.channels.into_iter().collect(),
             roles: claims.roles.into_iter().collect(),
             valid_until,
+            issued_at: claims.iat,
         })
     }
 }
@@ -295,16 +308,26 @@ fn alg_name_from_raw(token: &str) -> Option<String> {
         .and_then(|h| h.get("alg").and_then(|a| a.as_str()).map(str::to_owned))
 }
 
-/// tonic interceptor: verifies the bearer token and stores the [`Principal`] in the request extensions.
+/// tonic interceptor: verifies the bearer token, refuses revoked ones and stores the [`Principal`] in the
+/// request extensions.
 #[derive(Clone, Debug)]
 pub struct Interceptor {
     verifier: Arc<Verifier>,
+    revocations: Arc<Revocations>,
 }
 
 impl Interceptor {
-    /// An interceptor sharing `verifier`.
+    /// An interceptor sharing `verifier`, enforcing no revocation.
     pub fn new(verifier: Arc<Verifier>) -> Self {
-        Self { verifier }
+        Self::with_revocations(verifier, Arc::new(Revocations::new()))
+    }
+
+    /// An interceptor sharing `verifier` that refuses tokens `revocations` covers.
+    pub fn with_revocations(verifier: Arc<Verifier>, revocations: Arc<Revocations>) -> Self {
+        Self {
+            verifier,
+            revocations,
+        }
     }
 }
 
@@ -318,7 +341,11 @@ impl tonic::service::Interceptor for Interceptor {
                 ))
             })?),
         };
-        match self.verifier.verify_header(header) {
+        match self
+            .verifier
+            .verify_header(header)
+            .and_then(|p| self.revocations.check(&p).map(|()| p))
+        {
             Ok(principal) => {
                 req.extensions_mut().insert(Arc::new(principal));
             }
@@ -328,6 +355,7 @@ impl tonic::service::Interceptor for Interceptor {
                 let token = header.map(bearer_token).unwrap_or_default().to_owned();
                 req.extensions_mut().insert(Arc::new(Unverified {
                     verifier: self.verifier.clone(),
+                    revocations: self.revocations.clone(),
                     token,
                 }));
             }
@@ -343,6 +371,7 @@ impl tonic::service::Interceptor for Interceptor {
 /// A token whose `kid` was unknown when the interceptor ran, to verify again after a JWKS refetch.
 struct Unverified {
     verifier: Arc<Verifier>,
+    revocations: Arc<Revocations>,
     token: String,
 }
 
@@ -359,7 +388,8 @@ pub async fn principal<T>(req: &tonic::Request<T>) -> Result<Arc<Principal>, Ser
     let Some(pending) = req.extensions().get::<Arc<Unverified>>().cloned() else {
         return Err(ServiceError::Auth(AuthError::Missing));
     };
-    match pending.verifier.verify_fresh(&pending.token).await {
+    let verified = pending.verifier.verify_fresh(&pending.token).await;
+    match verified.and_then(|p| pending.revocations.check(&p).map(|()| p)) {
         Ok(principal) => Ok(Arc::new(principal)),
         Err(e) => {
             tracing::debug!(error = %e, "authentication failed");

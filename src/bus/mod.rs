@@ -14,6 +14,7 @@
 //! - recovery is exact or not claimed: when history cannot cover `since`, the feed says [`Recovery::Reset`];
 //! - a publish returns only once the event is accepted, and never waits for a subscriber.
 
+pub mod control;
 pub mod memory;
 pub mod redis;
 mod sink;
@@ -24,6 +25,7 @@ use async_trait::async_trait;
 
 pub use sink::{sink, sink_with_bytes, Sink, SinkReceiver};
 
+use crate::auth::Revocation;
 use crate::presence::{Member, PresenceSnapshot};
 use crate::proto::v1::{event::Payload, Event};
 use crate::wire::SharedResponse;
@@ -241,6 +243,33 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Short name for logs ("memory", "redis").
     fn name(&self) -> &'static str;
+
+    /// Sends a membership command to every node, this one included (see [`control`]); returns once the
+    /// bus accepted it.
+    async fn control(&self, cmd: &control::Control) -> Result<(), BusError> {
+        self.publish(cmd.to_event(), None).await.map(drop)
+    }
+
+    /// Attaches `sink` to the control channel: commands sent from now on (and after `since`, the id of
+    /// the last command this node saw, those it missed) arrive as events of [`control::CONTROL_ROOM`].
+    async fn subscribe_control(
+        &self,
+        since: Option<&str>,
+        sink: &Sink,
+    ) -> Result<RoomFeed, BusError> {
+        self.subscribe(control::CONTROL_ROOM, since, sink).await
+    }
+
+    /// Keeps a revocation where nodes that start later find it ([`Bus::revocations`]), until it expires.
+    /// The embedded bus has only this node, which holds it in memory: nothing to do.
+    async fn store_revocation(&self, _revocation: &Revocation) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    /// The revocations in force, loaded by a node at start.
+    async fn revocations(&self) -> Result<Vec<Revocation>, BusError> {
+        Ok(Vec::new())
+    }
 
     /// Whether the bus can serve right now, for the gRPC health service: `None` for a bus that is always
     /// healthy (the embedded one), else a receiver that turns `false` while the bus cannot deliver (e.g.

@@ -11,6 +11,7 @@ use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::admin::LiveStreams;
 use crate::auth::{self, Principal};
 use crate::bus::Bus;
 use crate::config::Config;
@@ -82,16 +83,19 @@ struct Inner {
     next_connection: AtomicU64,
     user_streams: Arc<UserStreams>,
     watchdog: Watchdog,
+    live: Arc<LiveStreams>,
 }
 
 impl EventApi {
-    /// A service over `bus`. Open streams end with `UNAVAILABLE` when `shutdown` is cancelled. Starts the
-    /// stream watchdog ([`crate::watchdog`]) in the current tokio runtime.
+    /// A service over `bus`. Open streams end with `UNAVAILABLE` when `shutdown` is cancelled, and are
+    /// registered in `live` for membership commands ([`crate::admin`]). Starts the stream watchdog
+    /// ([`crate::watchdog`]) in the current tokio runtime.
     pub fn new(
         bus: Arc<dyn Bus>,
         limits: Limits,
         typing_per_sec: u32,
         shutdown: CancellationToken,
+        live: Arc<LiveStreams>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -102,6 +106,7 @@ impl EventApi {
                 typing: RateLimiter::new(typing_per_sec),
                 shutdown,
                 next_connection: AtomicU64::new(1),
+                live,
             }),
         }
     }

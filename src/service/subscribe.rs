@@ -7,6 +7,12 @@
 //! cannot read the history being replayed (`UNAVAILABLE`). The replay is read a page at a time as the
 //! client takes it. A stream the transport stops polling (the client withholds flow-control window) cannot
 //! end itself: [`crate::watchdog`] ends it from outside. Each user may hold `--max-streams-per-user`.
+//!
+//! Membership commands ([`crate::admin`]) reach the stream through its registration: a removed room is
+//! detached and announced with `Removed` (events of it still queued are dropped, and it leaves the resume
+//! map); a disconnect ends the stream with `PERMISSION_DENIED`, a revocation of its token with
+//! `UNAUTHENTICATED` and the resume map. They are acted on in the live loop; during a replay only an
+//! ending is (between pages), a removal waits for the replay's end.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
@@ -20,6 +26,7 @@ use tokio::time::Instant;
 use tonic::Status;
 
 use super::EventApi;
+use crate::admin::Ending;
 use crate::auth::Principal;
 use crate::bus::{
     sink_with_bytes, Bus, BusError, Lease, Page, Position, Recovery, RoomFeed, RoomItem,
@@ -30,7 +37,7 @@ use crate::metrics::{StreamGuard, EVENTS_DELIVERED};
 use crate::policy;
 use crate::presence::Member;
 use crate::proto::v1::{
-    subscribe_response::Kind, Heartbeat, Reset, RoomPosition, SubscribeRequest, Subscribed,
+    subscribe_response::Kind, Heartbeat, Removed, Reset, RoomPosition, SubscribeRequest, Subscribed,
 };
 use crate::watchdog::ConnectionHandle;
 use crate::wire::SharedResponse;
@@ -59,6 +66,11 @@ impl EventApi {
         let inner = self.inner.clone();
         // Before attaching to anything, so a refused stream costs nothing.
         let permit = inner.user_streams.acquire(&principal)?;
+        // Before attaching too, so a membership command sent meanwhile is not missed; and a revocation
+        // that arrived after the interceptor let the token through is caught here.
+        let canonical: Vec<String> = rooms.iter().map(|r| r.canonical.clone()).collect();
+        let live = inner.live.register(&principal, &canonical);
+        inner.live.revocations().check(&principal)?;
         let (sink, mut inbox) =
             sink_with_bytes(inner.limits.stream_queue, inner.limits.stream_queue_bytes);
 
@@ -87,7 +99,7 @@ impl EventApi {
             .await?;
         let mut first = Vec::with_capacity(rooms.len());
         let mut replays = Vec::with_capacity(rooms.len());
-        let mut leases: Vec<Lease> = Vec::with_capacity(rooms.len());
+        let mut leases: HashMap<String, Lease> = HashMap::with_capacity(rooms.len());
         let mut position: BTreeMap<String, String> = BTreeMap::new();
         let mut newest = Newest::default();
         let mut aliases = Aliases::default();
@@ -114,9 +126,8 @@ impl EventApi {
             let start = since.filter(|_| recovered).unwrap_or(&feed.last_event_id);
             position.insert(room.name.clone(), start.to_owned());
             replays.push((room.name.clone(), reset, feed.replay, feed.last_event_id));
-            leases.push(feed.lease);
+            leases.insert(room.canonical.clone(), feed.lease);
         }
-        let canonical: Vec<String> = rooms.into_iter().map(|r| r.canonical).collect();
         let subscribed =
             SharedResponse::from_message(Kind::Subscribed(Subscribed { rooms: first }));
 
@@ -138,8 +149,13 @@ impl EventApi {
 
         let stream = async_stream::stream! {
             // Dropped with the stream: detaches from the rooms, updates presence, frees the user's slot.
-            let _leases = leases;
+            let mut leases = leases;
             let _presence = presence;
+            let control = live.control().clone();
+            let _live = live;
+            // Rooms taken off by `AdminService.Unsubscribe` (canonical), and a disconnect's reason.
+            let mut removed: HashSet<Arc<str>> = HashSet::new();
+            let mut disconnected: Option<String> = None;
             let _sink = sink;
             let _permit = permit;
             let mut metrics = StreamGuard::open(Some(watched.clone()));
@@ -164,6 +180,10 @@ impl EventApi {
                     }
                     if Instant::now() >= expires {
                         replay_end = Some(StreamEnd::TokenExpired);
+                        break 'rooms;
+                    }
+                    if let Some(ending) = control.ending() {
+                        replay_end = Some(ending_of(ending, &mut disconnected));
                         break 'rooms;
                     }
                     match replay.next_page().await {
@@ -192,7 +212,7 @@ impl EventApi {
             }
             if let Some(end) = replay_end {
                 metrics.ended(end);
-                yield Err(Status::from(ServiceError::StreamEnded { reason: end, since: position }));
+                yield Err(Status::from(stream_ended(end, disconnected, position)));
                 return;
             }
             // One timer for the next heartbeat and the token's expiry, and this stream's own cancellation
@@ -227,6 +247,22 @@ impl EventApi {
                                 None if server_shutdown.is_cancelled() => StreamEnd::ShuttingDown,
                                 None => StreamEnd::ConnectionClosed,
                             },
+                            _ = control.changed() => {
+                                let (taken_off, ending) = control.take();
+                                for (room, reason) in taken_off {
+                                    leases.remove(&room);
+                                    newest.forget(&room);
+                                    let name = aliases.name(&room).to_owned();
+                                    position.remove(&name);
+                                    removed.insert(room.into());
+                                    tracing::debug!(room = %name, "room removed from the stream");
+                                    yield Ok(SharedResponse::from_message(Kind::Removed(Removed { room: name, reason })));
+                                }
+                                if let Some(ending) = ending {
+                                    break ending_of(ending, &mut disconnected);
+                                }
+                                continue;
+                            }
                             _ = &mut timer => {
                                 let now = Instant::now();
                                 if now >= expires {
@@ -249,6 +285,9 @@ impl EventApi {
                 };
                 match item {
                     RoomItem::Event(event) => {
+                        if !removed.is_empty() && removed.contains(&event.room) {
+                            continue;
+                        }
                         if !newest.advance(&event) {
                             continue;
                         }
@@ -258,6 +297,7 @@ impl EventApi {
                         uncounted += 1;
                         yield Ok(aliases.frame(event));
                     }
+                    RoomItem::Reset { room, .. } if removed.contains(&room) => continue,
                     RoomItem::Reset { room, reason } => {
                         // What follows a Reset may start over (a new epoch of the room's history).
                         newest.forget(&room);
@@ -271,7 +311,7 @@ impl EventApi {
             delivered.increment(uncounted);
             tracing::debug!(reason = %end, "stream ended by the server");
             metrics.ended(end);
-            yield Err(Status::from(ServiceError::StreamEnded { reason: end, since: position }));
+            yield Err(Status::from(stream_ended(end, disconnected, position)));
         };
         Ok(Box::pin(ticket.wrap(Box::pin(stream))))
     }
@@ -323,6 +363,34 @@ impl EventApi {
             )));
         }
         Ok(rooms)
+    }
+}
+
+/// The stream's end for an administrative command (noting a disconnect's reason).
+fn ending_of(ending: Ending, disconnected: &mut Option<String>) -> StreamEnd {
+    match ending {
+        Ending::Revoked => StreamEnd::TokenRevoked,
+        Ending::Disconnected(reason) => {
+            *disconnected = Some(reason);
+            StreamEnd::Disconnected
+        }
+    }
+}
+
+/// The error a stream ends with: a disconnect names its reason and no resume map (the client must not
+/// come back); every other end names the resume map.
+fn stream_ended(
+    end: StreamEnd,
+    disconnected: Option<String>,
+    since: BTreeMap<String, String>,
+) -> ServiceError {
+    match (end, disconnected) {
+        (StreamEnd::Disconnected, reason) => ServiceError::Disconnected {
+            reason: reason
+                .filter(|r| !r.is_empty())
+                .unwrap_or_else(|| "no reason given".into()),
+        },
+        (reason, _) => ServiceError::StreamEnded { reason, since },
     }
 }
 

@@ -83,6 +83,16 @@ pub(crate) fn node_connections(node: &str) -> String {
     format!("{PREFIX}:node:{{{node}}}:connections")
 }
 
+/// The revocations hash and its by-expiry sorted set, in the control room's slot (see
+/// [`super::revocations`]).
+pub(crate) fn revocations() -> (String, String) {
+    let room = crate::bus::control::CONTROL_ROOM;
+    (
+        format!("{PREFIX}:{{{room}}}:revoked"),
+        format!("{PREFIX}:{{{room}}}:revoked:expiry"),
+    )
+}
+
 /// The channel a node sends its health probes through (to itself).
 pub(crate) fn health_channel(node: &str) -> String {
     format!("{PREFIX}:node:{{{node}}}:health")

@@ -21,6 +21,7 @@ mod health;
 mod ids;
 mod keys;
 mod presence;
+mod revocations;
 mod rooms;
 mod scripts;
 mod subscriber;
@@ -47,6 +48,7 @@ use super::{
     is_ephemeral, Bus, BusError, Page, Position, Recovery, Replay, ReplayPages, RoomFeed, Sink,
     StoredEvent, REPLAY_PAGE_BYTES, REPLAY_PAGE_EVENTS,
 };
+use crate::auth::{Revocation, MAX_REVOCATIONS};
 use crate::bus::memory::IDEMPOTENCY_TTL;
 use crate::presence::{Member, PresenceSnapshot};
 use crate::proto::v1::Event;
@@ -308,6 +310,35 @@ impl Bus for RedisBus {
 
     fn name(&self) -> &'static str {
         "redis"
+    }
+
+    async fn store_revocation(&self, revocation: &Revocation) -> Result<(), BusError> {
+        let mut conn = self.cmd.clone();
+        match tokio::time::timeout(self.timeout, revocations::store(&mut conn, revocation)).await {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => {
+                Err(BusError::Unavailable(format!(
+                    "{MAX_REVOCATIONS} users already have revoked tokens held in Redis: try again when \
+                     older revocations expire"
+                )))
+            }
+            Ok(Err(e)) => Err(conn::classify("revocation write", &e)),
+            Err(_) => Err(BusError::Unavailable(format!(
+                "Redis did not answer the revocation write within {} ms (--redis-timeout-ms)",
+                self.timeout.as_millis()
+            ))),
+        }
+    }
+
+    async fn revocations(&self) -> Result<Vec<Revocation>, BusError> {
+        let mut conn = self.cmd.clone();
+        match tokio::time::timeout(self.timeout, revocations::load(&mut conn)).await {
+            Ok(result) => result,
+            Err(_) => Err(BusError::Unavailable(format!(
+                "Redis did not answer the revocations read within {} ms (--redis-timeout-ms)",
+                self.timeout.as_millis()
+            ))),
+        }
     }
 
     fn health(&self) -> Option<watch::Receiver<bool>> {
