@@ -578,7 +578,7 @@ async fn revoked_tokens_end_subscribe_and_admin_calls_check_their_input_and_call
     let mut claims = user_claims("u1");
     claims.iat = now() - 60;
     let token = sign(&claims);
-    let mut sub = Subscriber::start(
+    let sub = Subscriber::start(
         &["--room", PROJECT, "--token", &token],
         &["--addr".to_owned(), server.url()],
     )
