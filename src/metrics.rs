@@ -43,7 +43,7 @@ pub const CONNECTIONS_REFUSED: &str = "lamplight_connections_refused_total";
 pub const CONNECTIONS_CLOSED_BY_WATCHDOG: &str = "lamplight_connections_closed_by_watchdog_total";
 /// Streams ended because their queue overflowed.
 pub const SLOW_CONSUMER_DISCONNECTS: &str = "lamplight_slow_consumer_disconnects_total";
-/// Rooms with at least one local subscriber.
+/// Rooms with at least one local subscriber, and the control room ([`crate::bus::control`]).
 pub const ROOMS_LOCAL: &str = "lamplight_rooms_local";
 /// Events accepted by `Publish` or `SetTyping`.
 pub const EVENTS_PUBLISHED: &str = "lamplight_events_published_total";
@@ -126,7 +126,7 @@ fn describe() {
     );
     describe_gauge!(
         ROOMS_LOCAL,
-        "Rooms with at least one subscriber on this node"
+        "Rooms with at least one subscriber on this node (the control room included)"
     );
     describe_counter!(EVENTS_PUBLISHED, "Events accepted by Publish and SetTyping");
     describe_counter!(EVENTS_DELIVERED, "Events written to streams (per stream)");

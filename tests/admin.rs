@@ -167,6 +167,62 @@ async fn unsubscribe_on_one_node_reaches_a_stream_on_another_and_other_rooms_kee
 async fn unsubscribe_reaches_streams_on_the_embedded_bus() {
     let server = TestServer::start().await;
     unsubscribe_reaches_streams(&server, &server).await;
+    // Removals are not remembered: a token that still grants the room may subscribe (and resume) again.
+    let mut client = server.client(&user_token("u1")).await;
+    let (mut stream, subscribed) = subscribe(&mut client, &[PROJECT], &[]).await.unwrap();
+    let since = subscribed.rooms[0].last_event_id.clone();
+    let mut svc = server.client(&publisher_token()).await;
+    publish_task(&mut svc, PROJECT, "rejoined").await.unwrap();
+    assert_eq!(task_of(next_message(&mut stream).await).1, "rejoined");
+    let (mut resumed, _) = subscribe(&mut client, &[PROJECT], &[(PROJECT, since.as_str())])
+        .await
+        .unwrap();
+    assert_eq!(task_of(next_message(&mut resumed).await).1, "rejoined");
+}
+
+/// The control channel on a Redis Cluster: sharded pub/sub, and the revocation keys in one slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn membership_changes_cross_nodes_on_a_cluster() {
+    let cluster = RedisCluster::start().await;
+    let a = TestServer::start_with(|c| use_cluster(c, &cluster)).await;
+    let b = TestServer::start_with(|c| use_cluster(c, &cluster)).await;
+    unsubscribe_reaches_streams(&a, &b).await;
+
+    let old = sign(&DevToken {
+        iat: now() - 10,
+        ..user_claims("u1")
+    });
+    let mut client = b.client(&old).await;
+    let (mut stream, _) = subscribe(&mut client, &[PROJECT], &[]).await.unwrap();
+    let mut admin = admin_client(&a, &admin_token("t1")).await;
+    admin
+        .revoke_tokens(RevokeTokensRequest {
+            user: user_ref("t1", "u1"),
+            issued_before: Some(prost_types::Timestamp {
+                seconds: (now() - 5) as i64,
+                nanos: 0,
+            }),
+            reason: String::new(),
+        })
+        .await
+        .expect("revoke");
+    expect_status(
+        next_message(&mut stream).await,
+        Code::Unauthenticated,
+        &["revoked"],
+    );
+    let c = TestServer::start_with(|c| use_cluster(c, &cluster)).await;
+    let mut on_c = c.client(&old).await;
+    expect_status(
+        subscribe(&mut on_c, &[PROJECT], &[]).await,
+        Code::Unauthenticated,
+        &["revoked"],
+    );
+    // Issued at or after the cutoff: accepted.
+    let mut fresh = c.client(&user_token("u1")).await;
+    subscribe(&mut fresh, &[PROJECT], &[])
+        .await
+        .expect("a token issued after the cutoff");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -65,7 +65,8 @@ async fn counters_and_gauges_follow_streams_and_events() {
         .await
         .unwrap();
     scrape_until(metrics_addr, "one open stream", |t| {
-        sample(t, "lamplight_streams_open") == 1.0 && sample(t, "lamplight_rooms_local") == 2.0
+        sample(t, "lamplight_streams_open") == 1.0 && // the two rooms and the control channel
+            sample(t, "lamplight_rooms_local") == 3.0
     })
     .await;
 
@@ -114,7 +115,7 @@ async fn counters_and_gauges_follow_streams_and_events() {
     drop(stream);
     scrape_until(metrics_addr, "stream closed", |t| {
         sample(t, "lamplight_streams_open") == 0.0
-            && sample(t, "lamplight_rooms_local") == 0.0
+            && sample(t, "lamplight_rooms_local") == 1.0
             && sample(
                 t,
                 r#"lamplight_streams_ended_total{reason="client_closed"}"#,
