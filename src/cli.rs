@@ -1,6 +1,7 @@
 //! Command line: `lamplight [serve] [flags]` runs the server (the default), `lamplight token ...` prints a
-//! signed development token, and (cargo feature `client`) `subscribe`, `publish` and `presence` talk to a
-//! running server through [`crate::client`]; [`commands`] runs those and defines their exit codes.
+//! signed development token, and (cargo feature `client`) `subscribe`, `publish`, `presence` and `admin`
+//! talk to a running server through [`crate::client`]; [`commands`] runs those and defines their exit
+//! codes.
 
 use clap::{Args, Parser, Subcommand};
 
@@ -40,6 +41,10 @@ pub enum Command {
     /// Print who is subscribed to a room, as JSON.
     #[cfg(feature = "client")]
     Presence(PresenceArgs),
+    /// Membership changes on live streams: take a room off a user's streams, disconnect a user, revoke
+    /// their tokens (AdminService; the token needs role publisher, or admin of the user's tenant).
+    #[cfg(feature = "client")]
+    Admin(AdminArgs),
     /// Load-test a running deployment (fanout, two-node, idle; --find-max): one JSON line per run.
     #[cfg(feature = "client")]
     Bench(crate::bench::BenchArgs),
@@ -214,6 +219,89 @@ pub struct PresenceArgs {
     /// Server and token.
     #[command(flatten)]
     pub connect: ConnectArgs,
+}
+
+/// `lamplight admin ...`.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: AdminAction,
+}
+
+/// The admin calls.
+#[derive(Debug, Subcommand)]
+pub enum AdminAction {
+    /// Take a room off every open stream of a user (each gets `Removed`; its other rooms go on).
+    Unsubscribe {
+        /// The user.
+        #[command(flatten)]
+        target: AdminTarget,
+        /// The room (`tenant:{tid}:...`, or `user:{sub}` shorthand in the user's tenant).
+        #[arg(long)]
+        room: String,
+        /// Shown to the user.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// End every open stream of a user with PERMISSION_DENIED; their clients do not reconnect.
+    Disconnect {
+        /// The user.
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Shown to the user.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Refuse the user's tokens issued before a time (default: now) until they expire, and end the
+    /// streams opened with them (UNAUTHENTICATED: clients ask for a new token).
+    Revoke {
+        /// The user.
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Tokens issued before this RFC 3339 time (e.g. `2026-12-01T12:00:00Z`) are refused; default: now.
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        issued_before: Option<std::time::SystemTime>,
+        /// Why (logged by the server).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+/// The user an admin call is about, and how to connect.
+#[derive(Debug, Args)]
+pub struct AdminTarget {
+    /// The user's `sub`.
+    #[arg(long)]
+    pub user: String,
+    /// The user's tenant; default: the minted token's --tid.
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Server and token.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+impl AdminTarget {
+    /// The user as the proto names it.
+    pub fn user_ref(&self) -> crate::proto::v1::UserRef {
+        crate::proto::v1::UserRef {
+            tenant_id: self
+                .tenant
+                .clone()
+                .or_else(|| self.connect.claims.tid.clone())
+                .unwrap_or_default(),
+            user_id: self.user.clone(),
+        }
+    }
+}
+
+/// An RFC 3339 time.
+fn parse_time(value: &str) -> Result<std::time::SystemTime, String> {
+    let timestamp: prost_types::Timestamp = value
+        .parse()
+        .map_err(|e| format!("expected an RFC 3339 time such as 2026-12-01T12:00:00Z: {e}"))?;
+    std::time::SystemTime::try_from(timestamp).map_err(|e| format!("time out of range: {e}"))
 }
 
 /// Claims of `lamplight token`.

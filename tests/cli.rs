@@ -1,6 +1,7 @@
-//! The `lamplight subscribe | publish | presence` subcommands: the real binary against a real server. The
-//! README's two-terminal demo, the JSON line shape, `--since` and `Reset` lines, presence, tokens from
-//! `--token`/`LAMPLIGHT_TOKEN` or minted, and the exit status of each kind of failure.
+//! The `lamplight subscribe | publish | presence | admin` subcommands: the real binary against a real
+//! server. The README's two-terminal demo, the JSON line shape, `--since`, `Reset` and `removed` lines,
+//! presence, admin calls, tokens from `--token`/`LAMPLIGHT_TOKEN` or minted, and the exit status of each
+//! kind of failure.
 mod support;
 
 use std::process::Stdio;
@@ -484,11 +485,132 @@ async fn failures_have_friendly_messages_and_distinct_exit_statuses() {
 async fn help_lists_the_client_subcommands() {
     let out = run(&["--help"], &[]).await;
     assert_eq!(out.code, 0);
-    for sub in ["serve", "token", "subscribe", "publish", "presence"] {
+    for sub in [
+        "serve",
+        "token",
+        "subscribe",
+        "publish",
+        "presence",
+        "admin",
+    ] {
         assert!(
             out.stdout.contains(sub),
             "{sub} missing from\n{}",
             out.stdout
         );
     }
+}
+
+const CHANNEL: &str = "tenant:t1:channel:c1";
+
+/// `--sub u1 --tid t1 --projects p1 --channels c1`: the user the admin tests act on.
+fn as_u1() -> Vec<String> {
+    [
+        "--sub",
+        "u1",
+        "--tid",
+        "t1",
+        "--projects",
+        "p1",
+        "--channels",
+        "c1",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// `lamplight admin ACTION --user u1 --tenant t1 args...` as the default CLI identity (role publisher).
+async fn admin(server: &TestServer, action: &str, args: &[&str]) -> Run {
+    let out = run(
+        &[&["admin", action, "--user", "u1", "--tenant", "t1"], args].concat(),
+        &at(server),
+    )
+    .await;
+    assert_eq!(out.code, 0, "admin {action}: {}", out.stderr);
+    out
+}
+
+#[tokio::test]
+async fn subscribe_prints_removed_rooms_and_exits_5_when_an_administrator_disconnects() {
+    let server = TestServer::start().await;
+    let room_flags = ["--room", PROJECT, "--room", CHANNEL];
+    let mut sub = Subscriber::start(&room_flags, &[at(&server), as_u1()].concat()).await;
+    let out = admin(
+        &server,
+        "unsubscribe",
+        &["--room", PROJECT, "--reason", "left the project"],
+    )
+    .await;
+    assert!(
+        out.stderr.contains("removed tenant:t1:project:p1 from u1"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        sub.json_line().await,
+        json!({"removed": {"room": PROJECT, "reason": "left the project"}})
+    );
+    admin(&server, "disconnect", &["--reason", "account closed"]).await;
+    let (code, stderr) = sub.finish().await;
+    assert_eq!(code, 5, "{stderr}");
+    assert!(stderr.contains("account closed"), "{stderr}");
+    assert!(stderr.contains("not reconnecting"), "{stderr}");
+    assert!(
+        !stderr.contains("reconnecting in"),
+        "no reconnect attempt: {stderr}"
+    );
+
+    // Every room removed: nothing left to print, exit 5 naming the last one.
+    let mut sub = Subscriber::start(&["--room", CHANNEL], &[at(&server), as_u1()].concat()).await;
+    admin(&server, "unsubscribe", &["--room", CHANNEL]).await;
+    assert_eq!(
+        sub.json_line().await,
+        json!({"removed": {"room": CHANNEL, "reason": ""}})
+    );
+    let (code, stderr) = sub.finish().await;
+    assert_eq!(code, 5, "{stderr}");
+    assert!(stderr.contains("every room was removed"), "{stderr}");
+}
+
+#[tokio::test]
+async fn revoked_tokens_end_subscribe_and_admin_calls_check_their_input_and_caller() {
+    let server = TestServer::start().await;
+    let mut claims = user_claims("u1");
+    claims.iat = now() - 60;
+    let token = sign(&claims);
+    let sub = Subscriber::start(
+        &["--room", PROJECT, "--token", &token],
+        &["--addr".to_owned(), server.url()],
+    )
+    .await;
+    let cutoff =
+        prost_types::Timestamp::from(std::time::SystemTime::now() - Duration::from_secs(30))
+            .to_string();
+    admin(&server, "revoke", &["--issued-before", &cutoff]).await;
+    // The same token again after the refresh: refused, so it gives up.
+    let (code, stderr) = sub.finish().await;
+    assert_eq!(code, 4, "{stderr}");
+    assert!(stderr.contains("revoked"), "{stderr}");
+
+    let out = run(
+        &[
+            "admin",
+            "revoke",
+            "--user",
+            "u1",
+            "--issued-before",
+            "yesterday",
+        ],
+        &at(&server),
+    )
+    .await;
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("RFC 3339"), "{}", out.stderr);
+    // A user may not disconnect another.
+    let out = run(
+        &["admin", "disconnect", "--user", "u2", "--reason", "x"],
+        &[at(&server), as_u1()].concat(),
+    )
+    .await;
+    assert_fails(&out, 5, "PermissionDenied");
 }

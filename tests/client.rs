@@ -764,6 +764,7 @@ async fn collect(sub: &mut Subscription, want: usize) -> (Vec<Event>, Vec<String
                 events.push(e);
             }
             SubscriptionEvent::Reset { room, .. } => resets.push(room),
+            SubscriptionEvent::Removed { room, .. } => panic!("{room} removed"),
             SubscriptionEvent::Connected { .. } | SubscriptionEvent::Disconnected { .. } => {}
         }
     }
@@ -874,6 +875,7 @@ async fn killed_and_restarted_with_the_memory_bus_the_subscriber_gets_a_reset() 
             SubscriptionEvent::Event(e) => panic!("event before the reset: {e:?}"),
             SubscriptionEvent::Connected { rooms } => assert!(!rooms[0].recovered, "{rooms:?}"),
             SubscriptionEvent::Disconnected { .. } => {}
+            SubscriptionEvent::Removed { room, .. } => panic!("{room} removed"),
         }
     };
     loop {

@@ -1,4 +1,5 @@
-//! `lamplight subscribe | publish | presence`: small clients of a running server, for scripts and demos.
+//! `lamplight subscribe | publish | presence | admin`: small clients of a running server, for scripts and
+//! demos.
 //!
 //! Results go to standard output (JSON lines, an id, a JSON object); progress and errors go to standard
 //! error, errors as one line starting with `lamplight:`. The exit status says what went wrong, so scripts
@@ -13,7 +14,9 @@ use serde_json::json;
 use tokio::time::Instant;
 use tonic::Code;
 
-use super::{Command, ConnectArgs, PresenceArgs, PublishArgs, SubscribeArgs};
+use super::{
+    AdminAction, AdminArgs, Command, ConnectArgs, PresenceArgs, PublishArgs, SubscribeArgs,
+};
 use crate::client::json::{event_to_json, payload_from_json, PayloadKind};
 use crate::client::{
     token_fn, Client, ClientConfig, ClientError, PublishError, StaticToken, SubscriptionEvent,
@@ -35,7 +38,8 @@ pub mod exit {
     /// The token was refused (`UNAUTHENTICATED`): missing, expired, wrong secret, issuer or audience.
     pub const UNAUTHENTICATED: u8 = 4;
     /// The token may not do this (`PERMISSION_DENIED`): room not in its claims, publishing without role
-    /// `publisher`.
+    /// `publisher`. Also `subscribe` ended by an administrator: disconnected (`AdminService.Disconnect`),
+    /// or every room removed (`AdminService.Unsubscribe`).
     pub const PERMISSION_DENIED: u8 = 5;
     /// The server could not be reached in time (`UNAVAILABLE`, `DEADLINE_EXCEEDED`, connection errors).
     pub const UNAVAILABLE: u8 = 6;
@@ -99,6 +103,13 @@ fn from_status(code: Code, what: String, addr: &str) -> CommandError {
 
 fn client_error(e: ClientError, addr: &str) -> CommandError {
     match e {
+        ClientError::Disconnected(status) => CommandError {
+            status: exit::PERMISSION_DENIED,
+            message: format!(
+                "{} (an administrator ended the subscription: not reconnecting)",
+                crate::client::describe(&status)
+            ),
+        },
         ClientError::InvalidEndpoint { .. } => CommandError::usage(e.to_string()),
         ClientError::Token(_) => CommandError::usage(e.to_string()),
         ClientError::Status(status) => {
@@ -152,8 +163,9 @@ pub fn run(command: Command) -> u8 {
             Command::Subscribe(args) => subscribe(args).await,
             Command::Publish(args) => publish(args).await,
             Command::Presence(args) => presence(args).await,
+            Command::Admin(args) => admin(args).await,
             Command::Serve(_) | Command::Token(_) | Command::Bench(_) => Err(CommandError::usage(
-                "not a client subcommand: use subscribe, publish or presence",
+                "not a client subcommand: use subscribe, publish, presence or admin",
             )),
         }
     });
@@ -204,6 +216,9 @@ async fn subscribe(args: SubscribeArgs) -> Result<(), CommandError> {
     };
     let client = connect(&args.connect, config).await?;
     let since = args.since.into_iter().collect();
+    // Rooms still carried; when an administrator removed them all, the command fails (see `exit`).
+    let mut carried: Vec<String> = args.rooms.clone();
+    let mut last_removal = None;
     let mut subscription = client.subscribe_since(args.rooms, since);
     let started = Instant::now();
     let connect_timeout = Duration::from_secs(args.connect_timeout_secs);
@@ -251,6 +266,12 @@ async fn subscribe(args: SubscribeArgs) -> Result<(), CommandError> {
             SubscriptionEvent::Reset { room, reason } => {
                 json!({"reset": {"room": room, "reason": reason}})
             }
+            SubscriptionEvent::Removed { room, reason } => {
+                carried.retain(|r| r != &room);
+                let line = json!({"removed": {"room": room, "reason": reason}});
+                last_removal = Some((room, reason));
+                line
+            }
             SubscriptionEvent::Event(event) => {
                 printed += 1;
                 event_to_json(&event)
@@ -263,6 +284,20 @@ async fn subscribe(args: SubscribeArgs) -> Result<(), CommandError> {
         if args.count.is_some_and(|count| printed >= count) {
             break;
         }
+    }
+    if carried.is_empty() {
+        let (room, reason) = last_removal.unwrap_or_default();
+        return Err(CommandError {
+            status: exit::PERMISSION_DENIED,
+            message: format!(
+                "every room was removed by an administrator (the last, {room}: {})",
+                if reason.is_empty() {
+                    "no reason given"
+                } else {
+                    &reason
+                }
+            ),
+        });
     }
     let resume: Vec<String> = subscription
         .since()
@@ -351,6 +386,36 @@ async fn presence(args: PresenceArgs) -> Result<(), CommandError> {
     Ok(())
 }
 
+async fn admin(args: AdminArgs) -> Result<(), CommandError> {
+    let (target, done) = match &args.action {
+        AdminAction::Unsubscribe { target, room, .. } => (target, format!("removed {room} from")),
+        AdminAction::Disconnect { target, .. } => (target, "disconnected".to_owned()),
+        AdminAction::Revoke { target, .. } => (target, "revoked the tokens of".to_owned()),
+    };
+    let addr = target.connect.addr.clone();
+    let client = connect(&target.connect, ClientConfig::default()).await?;
+    let user = target.user_ref();
+    let who = if user.tenant_id.is_empty() {
+        user.user_id.clone()
+    } else {
+        format!("{} of tenant {}", user.user_id, user.tenant_id)
+    };
+    let result = match &args.action {
+        AdminAction::Unsubscribe { room, reason, .. } => {
+            client.unsubscribe_user(user, room, reason).await
+        }
+        AdminAction::Disconnect { reason, .. } => client.disconnect_user(user, reason).await,
+        AdminAction::Revoke {
+            issued_before,
+            reason,
+            ..
+        } => client.revoke_tokens(user, *issued_before, reason).await,
+    };
+    result.map_err(|e| client_error(e, &addr))?;
+    eprintln!("lamplight: {done} {who}");
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,6 +436,18 @@ mod tests {
         assert_eq!(
             client_error(ClientError::Status(broken), "x").status,
             exit::UNAVAILABLE
+        );
+        let disconnected = client_error(
+            ClientError::Disconnected(tonic::Status::permission_denied(
+                "disconnected by an administrator: left the team",
+            )),
+            "x",
+        );
+        assert_eq!(disconnected.status, exit::PERMISSION_DENIED);
+        assert!(disconnected.message.contains("left the team"));
+        assert!(
+            !disconnected.message.contains("--roles"),
+            "no claims hint: the token was fine"
         );
     }
 }

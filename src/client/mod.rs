@@ -49,8 +49,12 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
+use crate::proto::v1::admin_service_client::AdminServiceClient;
 use crate::proto::v1::event_service_client::EventServiceClient;
-use crate::proto::v1::{Event, GetPresenceRequest, GetPresenceResponse, SetTypingRequest};
+use crate::proto::v1::{
+    DisconnectRequest, Event, GetPresenceRequest, GetPresenceResponse, RevokeTokensRequest,
+    SetTypingRequest, UnsubscribeRequest, UserRef,
+};
 
 pub use backoff::{
     Backoff, DEFAULT_BACKOFF_MULTIPLIER, DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_BACKOFF,
@@ -124,13 +128,17 @@ pub enum ClientError {
     /// The server (or the transport) answered with this status.
     #[error("{}", describe(.0))]
     Status(Status),
+    /// An administrator ended the subscription (`AdminService.Disconnect`): its stream, already open,
+    /// ended with `PERMISSION_DENIED`, whose message gives the reason. Final: reconnecting would defy it.
+    #[error("{}", describe(.0))]
+    Disconnected(Status),
 }
 
 impl ClientError {
     /// The gRPC code, when the error is a status.
     pub fn code(&self) -> Option<Code> {
         match self {
-            ClientError::Status(status) => Some(status.code()),
+            ClientError::Status(status) | ClientError::Disconnected(status) => Some(status.code()),
             _ => None,
         }
     }
@@ -198,6 +206,18 @@ pub(crate) struct Shared {
 struct Connection {
     generation: u64,
     grpc: EventServiceClient<Channel>,
+    /// The admin service on the same connection.
+    admin: AdminServiceClient<Channel>,
+}
+
+impl Connection {
+    fn new(generation: u64, channel: Channel) -> Self {
+        Self {
+            generation,
+            grpc: EventServiceClient::new(channel.clone()),
+            admin: AdminServiceClient::new(channel),
+        }
+    }
 }
 
 impl Shared {
@@ -210,6 +230,15 @@ impl Shared {
         (connection.generation, connection.grpc.clone())
     }
 
+    /// The admin service on the current connection, and its generation.
+    fn admin(&self) -> (u64, AdminServiceClient<Channel>) {
+        let connection = self
+            .connection
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        (connection.generation, connection.admin.clone())
+    }
+
     /// Abandons connection `generation` because it stopped answering (watchdog or timeout): a dead TCP
     /// connection can stay open for minutes, and every call on it would hang. The next call opens a new
     /// one; calls still running on the old one finish or fail on their own.
@@ -219,8 +248,7 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if connection.generation == generation {
-            connection.generation += 1;
-            connection.grpc = EventServiceClient::new(self.endpoint.connect_lazy());
+            *connection = Connection::new(generation + 1, self.endpoint.connect_lazy());
             tracing::debug!("connection abandoned; the next call opens a new one");
         }
     }
@@ -280,13 +308,10 @@ impl Client {
                 .tls_config(tls)
                 .map_err(|e| invalid(format!("TLS: {e}")))?;
         }
-        let grpc = EventServiceClient::new(endpoint.connect_lazy());
+        let connection = Connection::new(0, endpoint.connect_lazy());
         let shared = Arc::new(Shared {
             endpoint,
-            connection: Mutex::new(Connection {
-                generation: 0,
-                grpc,
-            }),
+            connection: Mutex::new(connection),
             tokens: Arc::new(tokens),
             config,
         });
@@ -348,7 +373,7 @@ impl Client {
     /// Who is subscribed to `room` now. One attempt (after a token refresh if the token was refused).
     pub async fn presence(&self, room: &str) -> Result<GetPresenceResponse, ClientError> {
         let message = GetPresenceRequest { room: room.into() };
-        self.unary(message, |mut grpc, req| async move {
+        self.unary(message, Shared::grpc, |mut grpc, req| async move {
             grpc.get_presence(req).await
         })
         .await
@@ -360,26 +385,89 @@ impl Client {
             channel_room: channel_room.into(),
             is_typing,
         };
-        self.unary(message, |mut grpc, req| async move {
+        self.unary(message, Shared::grpc, |mut grpc, req| async move {
             grpc.set_typing(req).await
         })
         .await
         .map(|_| ())
     }
 
+    /// Administration (`AdminService`, role `publisher`, or `admin` of the user's tenant): takes `room`
+    /// off every open stream of `user`, on every node. Each stream gets `Removed` with `reason` (a
+    /// [`SubscriptionEvent::Removed`] for this client's subscriptions) and keeps its other rooms. It does
+    /// not stop the user joining the room again: change what their tokens allow too. One attempt.
+    pub async fn unsubscribe_user(
+        &self,
+        user: UserRef,
+        room: &str,
+        reason: &str,
+    ) -> Result<(), ClientError> {
+        let message = UnsubscribeRequest {
+            user: Some(user),
+            room: room.into(),
+            reason: reason.into(),
+        };
+        self.unary(message, Shared::admin, |mut admin, req| async move {
+            admin.unsubscribe(req).await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Administration: ends every open stream of `user` with `PERMISSION_DENIED` naming `reason`
+    /// ([`ClientError::Disconnected`] for this client's subscriptions, which do not reconnect). One attempt.
+    pub async fn disconnect_user(&self, user: UserRef, reason: &str) -> Result<(), ClientError> {
+        let message = DisconnectRequest {
+            user: Some(user),
+            reason: reason.into(),
+        };
+        self.unary(message, Shared::admin, |mut admin, req| async move {
+            admin.disconnect(req).await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Administration: refuses, on every node, the tokens of `user` issued before `issued_before` (`None`:
+    /// now) until they would have expired anyway, and ends the streams opened with them
+    /// (`UNAUTHENTICATED`: clients ask their token source for a new token). One attempt.
+    pub async fn revoke_tokens(
+        &self,
+        user: UserRef,
+        issued_before: Option<std::time::SystemTime>,
+        reason: &str,
+    ) -> Result<(), ClientError> {
+        let message = RevokeTokensRequest {
+            user: Some(user),
+            issued_before: issued_before.map(prost_types::Timestamp::from),
+            reason: reason.into(),
+        };
+        self.unary(message, Shared::admin, |mut admin, req| async move {
+            admin.revoke_tokens(req).await
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// One call with the request timeout, retried once with a refreshed token after `UNAUTHENTICATED`.
-    async fn unary<T, R, F, Fut>(&self, message: T, call: F) -> Result<R, ClientError>
+    /// `service` picks the service client (and its connection generation) from [`Shared`].
+    async fn unary<C, T, R, F, Fut>(
+        &self,
+        message: T,
+        service: fn(&Shared) -> (u64, C),
+        call: F,
+    ) -> Result<R, ClientError>
     where
         T: Clone,
-        F: Fn(EventServiceClient<Channel>, Request<T>) -> Fut,
+        F: Fn(C, Request<T>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<R>, Status>>,
     {
         let mut refresh = false;
         loop {
             let request = self.shared.request(message.clone(), refresh).await?;
             let timeout = self.shared.config.request_timeout;
-            let (generation, grpc) = self.shared.grpc();
-            let result = tokio::time::timeout(timeout, call(grpc, request))
+            let (generation, client) = service(&self.shared);
+            let result = tokio::time::timeout(timeout, call(client, request))
                 .await
                 .unwrap_or_else(|_| {
                     self.shared.reconnect(generation);

@@ -9,8 +9,14 @@
 //! for [`ClientConfig::heartbeat_timeout`](super::ClientConfig) is dropped and reopened.
 //!
 //! It ends (with one `Err` item) only for failures that retrying cannot fix: a room the token may not
-//! join, an invalid room or `since`, a token refused again right after a refresh, or a failing token
-//! source.
+//! join, an invalid room or `since`, a token refused again right after a refresh, a failing token
+//! source, or an administrator's disconnect ([`ClientError::Disconnected`]: `PERMISSION_DENIED` on a
+//! stream that had opened; reconnecting would defy it).
+//!
+//! An administrator may also take one room off the stream (`AdminService.Unsubscribe`): the server says
+//! `Removed`, the subscription yields [`SubscriptionEvent::Removed`] and forgets the room (it is not
+//! subscribed again on reconnect, and leaves [`Subscription::since`]); the other rooms go on. When the
+//! last room is removed there is nothing left to carry and the stream ends (`None`) after that item.
 //!
 //! Positions only move forward: an event whose id is not newer than the one remembered for its room (a
 //! duplicate, or one older than what was handed out) is dropped, and a resume map from the server never
@@ -51,6 +57,15 @@ pub enum SubscriptionEvent {
         /// The room.
         room: String,
         /// Why, from the server.
+        reason: String,
+    },
+    /// An administrator took this room off the subscription (`AdminService.Unsubscribe`): no more events
+    /// of it, and it is not subscribed again on reconnect. The other rooms go on; after the last room the
+    /// stream ends.
+    Removed {
+        /// The room, as subscribed.
+        room: String,
+        /// Why, from the administrator.
         reason: String,
     },
     /// The stream broke; the subscription reconnects after `retry_in`.
@@ -148,6 +163,26 @@ fn next_step(status: &Status, refreshed_without_success: bool) -> Next {
     }
 }
 
+/// The error that ends the subscription after a stream ended with `status`; `opened`: that stream had
+/// said `Subscribed`. Rooms are refused when a stream opens, so `PERMISSION_DENIED` on a stream that had
+/// opened is an administrator's disconnect (`AdminService.Disconnect`).
+fn final_error(status: Status, opened: bool) -> ClientError {
+    if opened && status.code() == Code::PermissionDenied {
+        ClientError::Disconnected(status)
+    } else {
+        ClientError::Status(status)
+    }
+}
+
+/// Takes `room` off `rooms` and forgets its position, after the server said `Removed`. False when the
+/// subscription did not carry it (a repeated or unknown `Removed`): nothing to report.
+fn forget_room(rooms: &mut Vec<String>, since: &Positions, room: &str) -> bool {
+    let before = rooms.len();
+    rooms.retain(|r| r != room);
+    lock(since).remove(room);
+    rooms.len() != before
+}
+
 /// The room -> id map in a stream-ending status, if it has one.
 fn resume_map(status: &Status) -> Option<BTreeMap<String, String>> {
     let value = status.metadata().get(RESUME_METADATA_KEY)?.to_str().ok()?;
@@ -156,7 +191,7 @@ fn resume_map(status: &Status) -> Option<BTreeMap<String, String>> {
 
 fn run(
     shared: Arc<Shared>,
-    rooms: Vec<String>,
+    mut rooms: Vec<String>,
     since: Arc<Positions>,
 ) -> impl Stream<Item = Result<SubscriptionEvent, ClientError>> + Send {
     async_stream::stream! {
@@ -233,6 +268,10 @@ fn run(
                                 yield Ok(SubscriptionEvent::Connected { rooms: subscribed.rooms });
                             }
                             Some(Kind::Event(event)) => {
+                                if !rooms.contains(&event.room) {
+                                    tracing::debug!(room = %event.room, id = %event.id, "dropped an event of a room not carried (removed)");
+                                    continue;
+                                }
                                 {
                                     let mut since = lock(&since);
                                     if since.get(&event.room).is_some_and(|current| !moves_forward(current, &event.id)) {
@@ -256,9 +295,18 @@ fn run(
                                 }
                                 yield Ok(SubscriptionEvent::Reset { room: reset.room, reason: reset.reason });
                             }
-                            // Handled by the client's admin support (AdminService.Unsubscribe); until then the
-                            // room simply receives nothing more on this stream.
-                            Some(Kind::Removed(_)) | Some(Kind::Heartbeat(_)) | None => {}
+                            Some(Kind::Removed(removed)) => {
+                                if !forget_room(&mut rooms, &since, &removed.room) {
+                                    continue;
+                                }
+                                start.remove(&removed.room);
+                                yield Ok(SubscriptionEvent::Removed { room: removed.room, reason: removed.reason });
+                                if rooms.is_empty() {
+                                    tracing::debug!("every room was removed; the subscription ends");
+                                    return;
+                                }
+                            }
+                            Some(Kind::Heartbeat(_)) | None => {}
                         }
                     }
                 }
@@ -279,7 +327,7 @@ fn run(
             }
             let retry_in = match next_step(&end, refreshed_without_success) {
                 Next::Fail => {
-                    yield Err(ClientError::Status(end));
+                    yield Err(final_error(end, opened_at.is_some()));
                     return;
                 }
                 Next::Refresh => {
@@ -327,6 +375,48 @@ mod tests {
             Next::Retry
         );
         assert_eq!(next_step(&Status::not_found("x"), false), Next::Fail);
+    }
+
+    #[test]
+    fn permission_denied_on_an_open_stream_is_a_disconnect() {
+        let denied =
+            || Status::permission_denied("disconnected by an administrator: left the team");
+        assert!(matches!(
+            final_error(denied(), true),
+            ClientError::Disconnected(s) if s.message().contains("left the team")
+        ));
+        // Before `Subscribed` it is a refused room or token.
+        assert!(matches!(
+            final_error(denied(), false),
+            ClientError::Status(_)
+        ));
+        assert!(matches!(
+            final_error(Status::invalid_argument("room"), true),
+            ClientError::Status(_)
+        ));
+        assert_eq!(
+            final_error(denied(), true).code(),
+            Some(Code::PermissionDenied)
+        );
+    }
+
+    #[test]
+    fn a_removed_room_is_forgotten() {
+        let mut rooms = vec!["tenant:t1:project:p1".to_owned(), "tenant:t1".to_owned()];
+        let since: Positions = Mutex::new(BTreeMap::from([
+            ("tenant:t1:project:p1".to_owned(), "ab-3".to_owned()),
+            ("tenant:t1".to_owned(), "ab-9".to_owned()),
+        ]));
+        assert!(forget_room(&mut rooms, &since, "tenant:t1:project:p1"));
+        assert_eq!(rooms, ["tenant:t1"]);
+        assert_eq!(
+            *lock(&since),
+            BTreeMap::from([("tenant:t1".to_owned(), "ab-9".to_owned())])
+        );
+        // Again, or a room never carried: nothing to report.
+        assert!(!forget_room(&mut rooms, &since, "tenant:t1:project:p1"));
+        assert!(!forget_room(&mut rooms, &since, "tenant:t2"));
+        assert_eq!(rooms, ["tenant:t1"]);
     }
 
     #[test]

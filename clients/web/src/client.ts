@@ -15,6 +15,13 @@
  * token, or gives none within `tokenTimeoutMs`) is not a refusal: the attempt is retried with backoff.
  * A room the server refuses (`PERMISSION_DENIED`) is reported to whoever joined it and dropped; the other
  * rooms carry on.
+ *
+ * Administrators act on live streams (`AdminService`): a room taken off the stream (`Removed`) is dropped
+ * the same way (a {@link RoomRemovedError} for its pending joins and `joinError`, plus the `removed` event)
+ * and not joined again; a disconnect (PERMISSION_DENIED ending a confirmed stream) puts the client in the
+ * `error` state with a {@link DisconnectedError} and no reconnection; revoked tokens end the stream
+ * UNAUTHENTICATED, as an expired one does: a fresh token is asked for, and refusals that keep coming end
+ * in `error`.
  */
 
 import { Code, ConnectError, createClient, type Client, type Transport } from "@connectrpc/connect";
@@ -23,7 +30,15 @@ import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { Backoff, type BackoffOptions } from "./backoff.js";
 import { CursorTracker } from "./cursors.js";
 import { Emitter } from "./emitter.js";
-import { JoinCancelledError, JoinError, classify, resumeSince } from "./errors.js";
+import {
+  DisconnectedError,
+  JoinCancelledError,
+  JoinError,
+  RoomRemovedError,
+  classify,
+  isAdminDisconnect,
+  resumeSince,
+} from "./errors.js";
 import {
   EventService,
   type Event,
@@ -101,6 +116,13 @@ export interface ResetNotice {
   reason: string;
 }
 
+/** A room an administrator took off the stream: it was dropped from the joined rooms. */
+export interface RemovedNotice {
+  room: string;
+  /** The administrator's reason (may be empty). */
+  reason: string;
+}
+
 /** The next reconnection attempt. */
 export interface RetryNotice {
   /** Delay before the attempt, in ms. */
@@ -142,8 +164,10 @@ export interface LamplightEvents {
   reset: ResetNotice;
   /** A stream was confirmed: where each room stands. */
   subscribed: RoomPosition[];
-  /** A room was refused and dropped. */
+  /** A room was refused, or removed by an administrator ({@link RoomRemovedError}), and dropped. */
   joinError: JoinError;
+  /** An administrator took a room off the stream (`joinError` fires too); it is not joined again. */
+  removed: RemovedNotice;
   /** Who is typing in a room changed (the current user is never listed). */
   typing: { room: string; userIds: string[] };
   /** A reconnection is scheduled. */
@@ -558,6 +582,9 @@ class LamplightClient implements Lamplight {
           this.emitter.emit("reset", { room: msg.kind.value.room, reason: msg.kind.value.reason });
         }
         break;
+      case "removed":
+        this.onRemoved(h, msg.kind.value.room, msg.kind.value.reason);
+        break;
       case "heartbeat":
       case undefined:
         break;
@@ -605,6 +632,27 @@ class LamplightClient implements Lamplight {
     this.emitter.emit("event", event);
   }
 
+  /**
+   * An administrator took `room` off stream `h`. The stream no longer carries it (so no re-open is needed
+   * for it), and the room is dropped from the joined set, so no later stream asks for it again.
+   */
+  private onRemoved(h: StreamHandle, room: string, reason: string): void {
+    if (h.rooms) h.rooms = h.rooms.filter((r) => r !== room);
+    if (!this.roomSet.has(room)) return; // already left
+    this.roomSet.drop(room);
+    this.autoRooms.delete(room);
+    this.cursorTracker.forget(room);
+    this.typingSender.forget(room);
+    this.typingTracker.clear(room);
+    const error = new RoomRemovedError(room, reason);
+    this.settleWaiters(room, error);
+    this.emitter.emit("joinError", error);
+    this.emitter.emit("removed", { room, reason });
+    this.emitter.emit("rooms", this.roomSet.list());
+    // Another stream (one being opened for a join) may still ask for the room: re-open without it.
+    this.scheduleReconcile();
+  }
+
   /** A stream failed (or an attempt to open one did). Decides what happens next. */
   private failed(h: StreamHandle, err: ConnectError): void {
     const wasActive = h === this.active;
@@ -617,6 +665,11 @@ class LamplightClient implements Lamplight {
     // Whatever happens next, the token just refused is not offered again.
     if (kind === "auth") this.freshTokensWanted += 1;
 
+    if (kind === "denied" && isAdminDisconnect(err, h.subscribed)) {
+      // Not a refused room: an administrator ended the connection. Final, whatever the other stream does.
+      this.fatal(new DisconnectedError(err));
+      return;
+    }
     if (kind === "denied" || kind === "invalid") {
       if (this.refused(h, err)) {
         if (!this.active) this.setState(nextState(this.currentState, "failed"), err);

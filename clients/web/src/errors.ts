@@ -66,7 +66,7 @@ export function resumeSince(err: unknown): Record<string, string> {
 
 /** A room the server refused (PERMISSION_DENIED or INVALID_ARGUMENT naming it). */
 export class JoinError extends Error {
-  override readonly name = "JoinError";
+  override readonly name: string = "JoinError";
   constructor(
     /** The refused room. */
     readonly room: string,
@@ -79,6 +79,67 @@ export class JoinError extends Error {
   /** The gRPC status code (PERMISSION_DENIED or INVALID_ARGUMENT). */
   get code(): Code {
     return this.status.code;
+  }
+}
+
+/**
+ * A room an administrator took off the stream (`AdminService.Unsubscribe`, the server's `Removed`): it is
+ * dropped like a refused room (a {@link JoinError} with code PERMISSION_DENIED, so code that handles
+ * refusals handles it), and {@link RoomRemovedError.reason} says why. Do not join it again unasked.
+ */
+export class RoomRemovedError extends JoinError {
+  override readonly name: string = "RoomRemovedError";
+  constructor(
+    room: string,
+    /** The administrator's reason (may be empty). */
+    readonly reason: string,
+  ) {
+    super(room, new ConnectError(`removed by an administrator${reason ? `: ${reason}` : ""}`, Code.PermissionDenied));
+    this.message = `${room} was removed by an administrator${reason ? `: ${reason}` : ""}`;
+  }
+}
+
+/** The words lamplight's status uses when `AdminService.Disconnect` ends a stream. */
+export const ADMIN_DISCONNECT_TEXT = "disconnected by an administrator";
+
+/**
+ * Whether a stream's PERMISSION_DENIED is an administrator's disconnect rather than a refused room or token:
+ * rooms are refused when a stream opens, so a stream that had said `Subscribed` (`confirmed`) was
+ * disconnected; an unconfirmed one is recognised by the server's words.
+ */
+export function isAdminDisconnect(err: unknown, confirmed: boolean): boolean {
+  const e = ConnectError.from(err);
+  if (e.code !== Code.PermissionDenied) return false;
+  return confirmed || e.rawMessage.includes(ADMIN_DISCONNECT_TEXT);
+}
+
+/**
+ * The reason in an administrator's disconnect message
+ * (`disconnected by an administrator (REASON): do not reconnect`), or the whole message in another shape.
+ */
+export function disconnectReason(message: string): string {
+  const prefix = `${ADMIN_DISCONNECT_TEXT} (`;
+  const at = message.indexOf(prefix);
+  const end = message.lastIndexOf(")");
+  if (at < 0 || end < at + prefix.length) return message;
+  return message.slice(at + prefix.length, end);
+}
+
+/**
+ * An administrator ended the connection (`AdminService.Disconnect`): the client is in the `error` state
+ * and does not reconnect by itself (`reconnect()` / `connect()` would, if the app decides to).
+ */
+export class DisconnectedError extends Error {
+  override readonly name = "DisconnectedError";
+  /** The administrator's reason, as the server gave it. */
+  readonly reason: string;
+  constructor(
+    /** The status that ended the stream (PERMISSION_DENIED). */
+    readonly status: ConnectError,
+  ) {
+    const reason = disconnectReason(status.rawMessage);
+    super(`disconnected by an administrator: ${reason}`, { cause: status });
+    this.reason = reason;
   }
 }
 

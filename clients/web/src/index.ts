@@ -20,6 +20,7 @@ export {
   type LamplightOptions,
   type LamplightStats,
   type Presence,
+  type RemovedNotice,
   type ResetNotice,
   type RetryNotice,
   type TokenContext,
@@ -27,7 +28,19 @@ export {
 export { Backoff, DEFAULT_BACKOFF, type BackoffOptions } from "./backoff.js";
 export { CursorTracker, DEFAULT_DEDUPE_WINDOW } from "./cursors.js";
 export { compareEventIds, movesForward } from "./ids.js";
-export { JoinCancelledError, JoinError, RESUME_METADATA_KEY, classify, resumeSince, type FailureKind } from "./errors.js";
+export {
+  ADMIN_DISCONNECT_TEXT,
+  DisconnectedError,
+  JoinCancelledError,
+  JoinError,
+  RESUME_METADATA_KEY,
+  RoomRemovedError,
+  classify,
+  disconnectReason,
+  isAdminDisconnect,
+  resumeSince,
+  type FailureKind,
+} from "./errors.js";
 export {
   RoomSet,
   channelRoom,

@@ -19,6 +19,8 @@ export interface DevClaims {
   emailVerified?: boolean;
   /** Lifetime in seconds (default one hour). */
   ttlSecs?: number;
+  /** `iat`, Unix seconds (default now), e.g. a token issued before a revocation in the tests. */
+  issuedAt?: number;
 }
 
 const b64url = (data: string | Buffer) => Buffer.from(data).toString("base64url");
@@ -30,7 +32,7 @@ export function devSecret(): string {
 
 /** An HS256 JWT for `claims`. */
 export function mintDevToken(claims: DevClaims, secret: string = devSecret()): string {
-  const now = Math.floor(Date.now() / 1000);
+  const now = claims.issuedAt ?? Math.floor(Date.now() / 1000);
   const payload = {
     sub: claims.sub,
     ...(claims.tid ? { tid: claims.tid } : {}),

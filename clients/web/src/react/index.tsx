@@ -22,7 +22,7 @@ import {
 } from "react";
 
 import { createLamplight, type Lamplight, type LamplightOptions, type Presence, type ResetNotice } from "../client.js";
-import { JoinCancelledError } from "../errors.js";
+import { DisconnectedError, JoinCancelledError } from "../errors.js";
 import {
   UserStatus_Status,
   type Bug,
@@ -186,11 +186,14 @@ function useTenant(client: Lamplight, tenantId: string | undefined): string | un
 export interface RoomStatus {
   /** A stream carrying the room has been confirmed. */
   joined: boolean;
-  /** The server refused the room (a `JoinError`), or the join failed otherwise. */
+  /**
+   * The server refused the room (a `JoinError`), an administrator removed it later (a `RoomRemovedError`,
+   * `joined` goes back to false), or the join failed otherwise.
+   */
   error: Error | undefined;
 }
 
-/** Joins `room` while mounted (no-op for `undefined`); reports refusal instead of throwing. */
+/** Joins `room` while mounted (no-op for `undefined`); reports refusal and removal instead of throwing. */
 export function useRoom(room: string | undefined): RoomStatus {
   const client = useLamplightClient();
   const [status, setStatus] = useState<RoomStatus>({ joined: false, error: undefined });
@@ -204,8 +207,13 @@ export function useRoom(room: string | undefined): RoomStatus {
         if (live && !(error instanceof JoinCancelledError)) setStatus({ joined: false, error });
       },
     );
+    // A room dropped after the join completed (an administrator removed it).
+    const off = client.on("joinError", (error) => {
+      if (live && error.room === room) setStatus({ joined: false, error });
+    });
     return () => {
       live = false;
+      off();
       client.leave(room);
     };
   }, [client, room]);
@@ -468,6 +476,8 @@ export interface ConnectionStatusProps {
   style?: CSSProperties;
   /** Text per state (defaults in English). */
   labels?: Partial<Record<Exclude<ConnectionState, "connected">, string>>;
+  /** Text for the `error` state when an administrator disconnected the user (default in English). */
+  disconnectedLabel?: string;
 }
 
 const DEFAULT_LABELS: Record<Exclude<ConnectionState, "connected">, string> = {
@@ -511,14 +521,17 @@ function useRetryCountdown(client: Lamplight): number | undefined {
 
 /**
  * The connection indicator: hidden while connected (the normal state), as in the seed; otherwise says
- * connecting, reconnecting (with the retry countdown), disconnected, or the error, always with a Retry
- * button (`reconnect()`: a new attempt now, with the backoff and failure counts reset).
+ * connecting, reconnecting (with the retry countdown), disconnected, or the error, with a Retry button
+ * (`reconnect()`: a new attempt now, with the backoff and failure counts reset). An administrator's
+ * disconnect (a `DisconnectedError`) shows its reason and no Retry: reconnecting is the app's decision.
  */
-export function ConnectionStatus({ className, style, labels }: ConnectionStatusProps): ReactNode {
+export function ConnectionStatus({ className, style, labels, disconnectedLabel }: ConnectionStatusProps): ReactNode {
   const { client, state, error } = useLamplight();
   const seconds = useRetryCountdown(client);
   if (state === "connected") return null;
-  const text = { ...DEFAULT_LABELS, ...labels }[state];
+  const byAdmin = state === "error" && error instanceof DisconnectedError;
+  const text = byAdmin ? (disconnectedLabel ?? "Disconnected by an administrator") : { ...DEFAULT_LABELS, ...labels }[state];
+  const detail = byAdmin ? error.reason : error?.message;
   return (
     <div
       role="status"
@@ -529,18 +542,20 @@ export function ConnectionStatus({ className, style, labels }: ConnectionStatusP
     >
       <span>{text}</span>
       {state === "reconnecting" && seconds !== undefined && seconds > 0 ? <span> retrying in {seconds} s</span> : null}
-      {state === "error" && error ? <span title={error.message}> ({error.message})</span> : null}
+      {state === "error" && error && detail ? <span title={error.message}> ({detail})</span> : null}
       {/* Whenever not connected: a wait can be cut short, and a stuck attempt is never the end. */}
-      <button
-        type="button"
-        onClick={() => client.reconnect()}
-        style={{ marginLeft: 10, font: "inherit", cursor: "pointer", borderRadius: 6, border: "1px solid #fff8", background: "transparent", color: "inherit" }}
-      >
-        Retry
-      </button>
+      {byAdmin ? null : (
+        <button
+          type="button"
+          onClick={() => client.reconnect()}
+          style={{ marginLeft: 10, font: "inherit", cursor: "pointer", borderRadius: 6, border: "1px solid #fff8", background: "transparent", color: "inherit" }}
+        >
+          Retry
+        </button>
+      )}
     </div>
   );
 }
 
-export type { Lamplight, LamplightOptions, Presence, ResetNotice } from "../client.js";
+export type { Lamplight, LamplightOptions, Presence, RemovedNotice, ResetNotice } from "../client.js";
 export type { ConnectionState } from "../state.js";

@@ -10,7 +10,7 @@ import { createClient, type Client } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 
 import { devSecret, mintDevToken, type DevClaims } from "../../demo/server/token.js";
-import { EventService } from "../../src/gen/lamplight/v1/events_pb.js";
+import { AdminService, EventService } from "../../src/gen/lamplight/v1/events_pb.js";
 
 /** Task fields a test sets. */
 export interface TaskFields {
@@ -202,6 +202,38 @@ export class Publisher {
       { headers: { authorization: `Bearer ${this.token}` }, timeoutMs: 5000 },
     );
     return res.id;
+  }
+}
+
+/** `AdminService` over real gRPC (HTTP/2) with a publisher token: membership changes on live streams. */
+export class Admin {
+  readonly client: Client<typeof AdminService>;
+  private readonly token = publisherToken("e2e-admin");
+
+  constructor(url: string) {
+    this.client = createClient(AdminService, createGrpcTransport({ baseUrl: url }));
+  }
+
+  private get options() {
+    return { headers: { authorization: `Bearer ${this.token}` }, timeoutMs: 5000 };
+  }
+
+  /** Takes `room` off every open stream of `user` (tenant t1 unless given). */
+  async unsubscribe(user: string, room: string, reason: string, tenantId = "t1"): Promise<void> {
+    await this.client.unsubscribe({ user: { tenantId, userId: user }, room, reason }, this.options);
+  }
+
+  /** Ends every open stream of `user` with PERMISSION_DENIED. */
+  async disconnect(user: string, reason: string, tenantId = "t1"): Promise<void> {
+    await this.client.disconnect({ user: { tenantId, userId: user }, reason }, this.options);
+  }
+
+  /** Refuses `user`'s tokens issued before `issuedBefore` (Unix seconds). */
+  async revokeTokens(user: string, issuedBefore: number, reason: string, tenantId = "t1"): Promise<void> {
+    await this.client.revokeTokens(
+      { user: { tenantId, userId: user }, issuedBefore: { seconds: BigInt(issuedBefore), nanos: 0 }, reason },
+      this.options,
+    );
   }
 }
 
