@@ -210,19 +210,9 @@ impl Drop for LiveTicket {
 mod tests {
     use super::*;
     use crate::auth::Revocation;
-    use std::time::SystemTime;
 
     fn principal(user: &str, iat: Option<u64>) -> Principal {
-        Principal {
-            user_id: user.into(),
-            tenant: Some("t1".into()),
-            email_verified: true,
-            projects: Default::default(),
-            channels: Default::default(),
-            roles: Default::default(),
-            valid_until: SystemTime::now(),
-            issued_at: iat,
-        }
+        Principal::test_user("t1", user, iat)
     }
 
     #[tokio::test]

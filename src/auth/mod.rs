@@ -105,6 +105,23 @@ impl Principal {
     }
 }
 
+#[cfg(test)]
+impl Principal {
+    /// A verified user of `tenant` with no claims beyond that, for unit tests.
+    pub(crate) fn test_user(tenant: &str, user: &str, issued_at: Option<u64>) -> Self {
+        Self {
+            user_id: user.into(),
+            tenant: Some(tenant.into()),
+            email_verified: true,
+            projects: Default::default(),
+            channels: Default::default(),
+            roles: Default::default(),
+            valid_until: SystemTime::now(),
+            issued_at,
+        }
+    }
+}
+
 /// The claims lamplight reads. Unknown claims are ignored.
 #[derive(Debug, Deserialize)]
 struct Claims {

@@ -134,19 +134,9 @@ impl Revocations {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::SystemTime;
 
     fn principal(tenant: &str, user: &str, iat: Option<u64>) -> Principal {
-        Principal {
-            user_id: user.into(),
-            tenant: Some(tenant.into()),
-            email_verified: true,
-            projects: Default::default(),
-            channels: Default::default(),
-            roles: Default::default(),
-            valid_until: SystemTime::now(),
-            issued_at: iat,
-        }
+        Principal::test_user(tenant, user, iat)
     }
 
     fn revoke(tenant: &str, user: &str, issued_before: u64, expires_at: u64) -> Revocation {
