@@ -7,8 +7,9 @@
 //! Order: a live slot remembers the room's epoch, the last stored event offered (where a catch-up read
 //! starts) and the last event offered at all, stored or ephemeral. Nothing at or before that is offered
 //! again, so every sink sees a room's ids strictly increasing even when live messages and a catch-up read
-//! overlap. While a room waits for its subscription or for the catch-up read after a fault, its live
-//! messages are *held* (bounded in bytes) and offered after the read, minus what the read covered. A fault
+//! overlap. While a room waits for its subscription or for the catch-up after a fault (read and offered a
+//! page at a time: [`RoomTable::fill_page`]), its live messages are *held* (bounded in bytes) and offered
+//! after the last page ([`RoomTable::caught_up`]), minus what the pages covered. A fault
 //! the node cannot repair costs the room's streams a `Reset`, never a silent gap.
 
 use std::collections::{HashMap, VecDeque};
@@ -558,17 +559,16 @@ impl Drop for RoomLease {
     }
 }
 
-/// What a room missed while the node was disconnected (read by the subscriber task).
-pub(super) struct Gap {
-    pub(super) room: Arc<str>,
-    /// Where the room stood before (its slot must still say so, else the gap is stale).
+/// Where a room's paged catch-up ended (see [`RoomTable::fill_page`]).
+#[derive(Debug)]
+pub(super) struct CatchUp {
+    /// Where the room stands after the last page (its slot must still say so, else it is stale).
     pub(super) base: (Arc<str>, StreamId),
-    /// Why history cannot cover the gap, if it cannot.
-    pub(super) reset: Option<&'static str>,
-    pub(super) read: scripts::ReadResult,
+    /// The room's last stored event when the catch-up started: later ones arrive live (held meanwhile).
+    pub(super) through: StreamId,
 }
 
-/// What became of a [`Gap`].
+/// What became of a catch-up.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Filled {
     /// Offered; the room is live again.
@@ -580,43 +580,46 @@ pub(super) enum Filled {
 }
 
 impl RoomTable {
-    /// Offers a gap's events (after a `Reset` if it has one) to the room's sinks, then the messages held
-    /// meanwhile that are newer.
-    pub(super) fn fill(&self, gap: Gap) -> Filled {
-        let Gap {
-            room,
-            base,
-            reset,
-            read,
-        } = gap;
+    /// Offers one page of what a faulted room missed (after a `Reset` with `reset`, if given) to its
+    /// sinks, if the room still stands at `base`. A page of another `epoch` than the base's (Redis lost the
+    /// room) must come with a reset: the room then starts over in that epoch. The room stays faulted (its
+    /// live messages held) until [`RoomTable::caught_up`]. Returns where it stands now, `None` if stale.
+    pub(super) fn fill_page(
+        &self,
+        room: &Arc<str>,
+        base: &(Arc<str>, StreamId),
+        reset: Option<&str>,
+        epoch: &str,
+        entries: &[(StreamId, Vec<u8>)],
+    ) -> Option<(Arc<str>, StreamId)> {
         let mut slots = lock(&self.slots);
-        let Some(slot) = slots.get_mut(&room) else {
-            return Filled::Stale;
-        };
+        let slot = slots.get_mut(room)?;
         let SlotState::Live(feed) = &mut slot.state else {
-            return Filled::Stale;
+            return None;
         };
-        if feed.fault.is_none() || (feed.epoch.clone(), feed.delivered) != base {
-            return Filled::Stale;
+        if feed.fault.is_none() || (&feed.epoch, feed.delivered) != (&base.0, base.1) {
+            return None;
         }
         if let Some(reason) = reset {
-            if *read.epoch != *feed.epoch {
-                feed.retire(read.epoch.as_str().into());
+            if *epoch != *feed.epoch {
+                feed.retire(epoch.into());
                 feed.delivered = StreamId::default();
                 feed.last = (StreamId::default(), 0);
             }
-            slot.reset(&room, reason);
+            slot.reset(room, reason);
         }
         let SlotState::Live(feed) = &mut slot.state else {
-            return Filled::Stale;
+            return None;
         };
-        let mut missed = 0usize;
-        for (id, payload) in &read.entries {
+        if *epoch != *feed.epoch {
+            // Only a reset may switch epochs.
+            return None;
+        }
+        for (id, payload) in entries {
             if *id <= feed.delivered {
                 continue;
             }
             feed.delivered = *id;
-            missed += 1;
             let event = Arc::new(stored_event(
                 room.clone(),
                 format!("{}:{id}", feed.epoch),
@@ -627,13 +630,27 @@ impl RoomTable {
                 sink.offer(RoomItem::Event(event.clone()));
             }
         }
-        feed.delivered = feed.delivered.max(read.last);
+        feed.last = feed.last.max((feed.delivered, 0));
+        Some((feed.epoch.clone(), feed.delivered))
+    }
+
+    /// A faulted room's catch-up offered everything through `end.through`: it goes live again, and the
+    /// messages held meanwhile that are newer are offered.
+    pub(super) fn caught_up(&self, room: &Arc<str>, end: &CatchUp) -> Filled {
+        let mut slots = lock(&self.slots);
+        let Some(slot) = slots.get_mut(room) else {
+            return Filled::Stale;
+        };
+        let SlotState::Live(feed) = &mut slot.state else {
+            return Filled::Stale;
+        };
+        if feed.fault.is_none() || (&feed.epoch, feed.delivered) != (&end.base.0, end.base.1) {
+            return Filled::Stale;
+        }
+        feed.delivered = feed.delivered.max(end.through);
         feed.last = feed.last.max((feed.delivered, 0));
         let fault = feed.fault.take();
-        if missed > 0 {
-            tracing::info!(room = %room, missed, "delivered events missed during a fault");
-        }
-        if slot.release_held(&room) {
+        if slot.release_held(room) {
             Filled::Done
         } else {
             if let SlotState::Live(feed) = &mut slot.state {
@@ -653,13 +670,17 @@ mod tests {
         StreamId { ms, seq }
     }
 
-    fn read(epoch: &str, last: StreamId, entries: &[StreamId]) -> scripts::ReadResult {
+    fn read(epoch: &str, last: StreamId, ids: &[StreamId]) -> scripts::ReadResult {
         scripts::ReadResult {
             epoch: epoch.into(),
             last,
             trimmed_through: StreamId::default(),
-            entries: entries.iter().map(|id| (*id, Vec::new())).collect(),
+            entries: entries(ids),
         }
+    }
+
+    fn entries(ids: &[StreamId]) -> Vec<(StreamId, Vec<u8>)> {
+        ids.iter().map(|id| (*id, Vec::new())).collect()
     }
 
     fn ids(inbox: &mut crate::bus::SinkReceiver) -> Vec<String> {
@@ -690,14 +711,28 @@ mod tests {
         table.deliver("r", b"e:12-0\n");
         table.deliver("r", b"e:12-0.1\n"); // typing after the read's last event: newer
         assert!(ids(&mut inbox).is_empty(), "held");
-        let gap = Gap {
-            room: room.clone(),
-            base: ("e".into(), sid(10, 0)),
-            reset: None,
-            read: read("e", sid(12, 0), &[sid(11, 0), sid(12, 0)]),
+        // The catch-up reads the gap in two pages; the room keeps holding between them.
+        let base = ("e".into(), sid(10, 0));
+        let base = table
+            .fill_page(&room, &base, None, "e", &entries(&[sid(11, 0)]))
+            .expect("the room stands where the read started");
+        assert_eq!(ids(&mut inbox), ["e:11-0"]);
+        table.deliver("r", b"e:11-0.2\n"); // typing after 11-0, arriving between the pages: before 12-0
+        assert!(ids(&mut inbox).is_empty(), "still held");
+        // A page read from a position the room no longer stands at is stale.
+        assert!(table
+            .fill_page(&room, &("e".into(), sid(10, 0)), None, "e", &[])
+            .is_none());
+        let base = table
+            .fill_page(&room, &base, None, "e", &entries(&[sid(12, 0)]))
+            .unwrap();
+        let end = CatchUp {
+            base,
+            through: sid(12, 0),
         };
-        assert_eq!(table.fill(gap), Filled::Done);
-        assert_eq!(ids(&mut inbox), ["e:11-0", "e:12-0", "e:12-0.1"]);
+        assert_eq!(table.caught_up(&room, &end), Filled::Done);
+        assert_eq!(ids(&mut inbox), ["e:12-0", "e:12-0.1"]);
+        assert_eq!(table.caught_up(&room, &end), Filled::Stale, "once");
         assert_eq!(
             table.held_total.load(Ordering::Relaxed),
             0,
@@ -737,14 +772,52 @@ mod tests {
         assert!(table.reset_overdue(Duration::ZERO, "x").is_none());
         assert_eq!(ids(&mut inbox), ["reset"]);
         // Once caught up it delivers again.
-        let gap = Gap {
-            room: room.clone(),
-            base: ("e".into(), sid(1, 0)),
-            reset: None,
-            read: read("e", sid(2, 0), &[sid(2, 0)]),
+        let base = table
+            .fill_page(
+                &room,
+                &("e".into(), sid(1, 0)),
+                None,
+                "e",
+                &entries(&[sid(2, 0)]),
+            )
+            .unwrap();
+        let end = CatchUp {
+            base,
+            through: sid(2, 0),
         };
-        assert_eq!(table.fill(gap), Filled::Done);
+        assert_eq!(table.caught_up(&room, &end), Filled::Done);
         assert_eq!(table.faulted_count(), 0);
         assert_eq!(ids(&mut inbox), ["e:2-0"]);
+    }
+
+    #[test]
+    fn a_catch_up_page_of_a_new_epoch_resets_and_starts_the_room_over() {
+        let (table, _commands) = RoomTable::new();
+        let (sink, mut inbox) = sink(100);
+        let (_lease, _wait) = table.attach("r", &sink);
+        let room: Arc<str> = "r".into();
+        assert!(table.joined(&room, &read("e", sid(5, 0), &[]), false));
+        table.fault(None);
+        table.deliver("r", b"f:2-0\n"); // live, of the new epoch, after the read below
+        let base = ("e".into(), sid(5, 0));
+        // A page of another epoch without a reset is not this room's history.
+        assert!(table.fill_page(&room, &base, None, "f", &[]).is_none());
+        assert!(ids(&mut inbox).is_empty());
+        let base = table
+            .fill_page(&room, &base, Some("lost"), "f", &[])
+            .expect("a reset switches epochs");
+        assert_eq!(base, ("f".into(), StreamId::default()));
+        let base = table
+            .fill_page(&room, &base, None, "f", &entries(&[sid(1, 0)]))
+            .unwrap();
+        let end = CatchUp {
+            base,
+            through: sid(1, 0),
+        };
+        assert_eq!(table.caught_up(&room, &end), Filled::Done);
+        assert_eq!(ids(&mut inbox), ["reset", "f:1-0", "f:2-0"]);
+        // Late messages of the old epoch are stale.
+        table.deliver("r", b"e:6-0\n");
+        assert!(ids(&mut inbox).is_empty());
     }
 }

@@ -9,11 +9,13 @@
 //!
 //! A fault (the connection dropped, its push queue overflowed, or it was replaced because health probes
 //! stopped coming back) marks every live room *faulted*: its live messages are held, and a job
-//! re-subscribes it and reads its stream from the last event fanned out; missed events are delivered in
-//! order, duplicates dropped by id. When history cannot cover the gap (trimmed, or Redis lost it) the
-//! room's streams get a `Reset`. A room that cannot be caught up within [`RESET_AFTER`] (its shard is
-//! down) gets a `Reset` then, and is retried with backoff until it recovers or its streams leave. Health
-//! (see [`super::health`]) is down while any local room is faulted.
+//! re-subscribes it and reads its stream from the last event fanned out, a bounded page at a time
+//! ([`CATCH_UP_PAGE_EVENTS`], about [`CATCH_UP_PAGE_BYTES`]; at most [`CATCH_UP_PAGES`] pages in flight
+//! on the node), offering each page as it is read: missed events are delivered in order, duplicates
+//! dropped by id, and a catch-up holds pages, never a room's whole history. When history cannot cover the
+//! gap (trimmed, or Redis lost it) the room's streams get a `Reset`. A room that cannot be caught up
+//! within [`RESET_AFTER`] (its shard is down) gets a `Reset` then, and is retried with backoff until it
+//! recovers or its streams leave. Health (see [`super::health`]) is down while any local room is faulted.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -23,14 +25,14 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt as _, StreamExt as _};
 use redis::{PushInfo, PushKind, Value};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{bounded, Conn, PushQueue, PushReceiver, Target};
 use super::ids::StreamId;
 use super::keys::RoomKeys;
-use super::rooms::{Command, Filled, Gap, RoomState, RoomTable};
+use super::rooms::{CatchUp, Command, Filled, RoomState, RoomTable};
 use super::scripts::{self, RoomSettings};
 use crate::bus::BusError;
 use crate::metrics::{REDIS_RECONNECTS, REDIS_SUBSCRIPTIONS};
@@ -43,6 +45,14 @@ const PUSH_QUEUE: usize = 65_536;
 const SUBSCRIBE_BATCH: usize = 1024;
 /// History reads in flight at once within a job.
 const CONCURRENT_READS: usize = 64;
+/// Most events in one page of a catch-up read.
+const CATCH_UP_PAGE_EVENTS: usize = 256;
+/// Bytes (stored events' encoded size) after which a catch-up page ends; a page holds at least one event,
+/// so it may exceed this by one event (`--max-event-bytes`).
+const CATCH_UP_PAGE_BYTES: usize = 256 * 1024;
+/// Catch-up pages read (and not yet offered) at once on the node, across all jobs: what a catch-up holds
+/// in memory is at most this many pages, whatever the history size and the number of rooms.
+const CATCH_UP_PAGES: usize = 64;
 /// Jobs in flight at once; further rooms wait their turn.
 const MAX_JOBS: usize = 64;
 /// Longest pause between two attempts at a room (or at a new connection).
@@ -81,6 +91,8 @@ pub(crate) struct Subscriber {
     broken: bool,
     /// When to look at retries, overdue resets and the connection again.
     wake: Option<Instant>,
+    /// Permits for catch-up pages in flight (see [`CATCH_UP_PAGES`]).
+    pages: Arc<Semaphore>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -109,10 +121,14 @@ pub(crate) struct SubscriberParts {
     pub(crate) cancel: CancellationToken,
 }
 
+/// How a room's catch-up ended (see [`catch_up_room`]).
+type CatchUpResult = Result<Option<CatchUp>, BusError>;
+
 /// A finished job.
 enum Done {
     Joined(Vec<(Arc<str>, Result<scripts::ReadResult, BusError>)>),
-    CaughtUp(Vec<(Arc<str>, Result<Gap, BusError>)>),
+    /// Per room: where its catch-up ended (`None`: the room no longer stands where it started).
+    CaughtUp(Vec<(Arc<str>, CatchUpResult)>),
     Unsubscribed(Vec<Arc<str>>),
     Health(Result<(), BusError>),
 }
@@ -149,6 +165,7 @@ impl Subscriber {
             failures: 0,
             broken: false,
             wake: None,
+            pages: Arc::new(Semaphore::new(CATCH_UP_PAGES)),
         })
     }
 
@@ -452,20 +469,22 @@ impl Subscriber {
         .boxed()
     }
 
-    /// Re-subscribes faulted rooms and reads what each missed.
+    /// Re-subscribes faulted rooms and offers what each missed, page by page (see [`catch_up_room`]).
     fn catch_up_job(&self, rooms: Vec<(Arc<str>, Arc<str>, StreamId)>) -> BoxFuture<'static, Done> {
-        let (mut sub, cmd, timeout, settings) = (
-            self.sub.clone(),
-            self.parts.cmd.clone(),
-            self.parts.timeout,
-            self.parts.settings,
-        );
+        let mut sub = self.sub.clone();
+        let reader = PageReader {
+            table: self.parts.table.clone(),
+            conn: self.parts.cmd.clone(),
+            timeout: self.parts.timeout,
+            settings: self.parts.settings,
+            pages: self.pages.clone(),
+        };
         async move {
             let channels: Vec<String> = rooms
                 .iter()
                 .map(|(room, ..)| RoomKeys::new(room).channel)
                 .collect();
-            let budget = timeout * (2 + (channels.len() / 256) as u32);
+            let budget = reader.timeout * (2 + (channels.len() / 256) as u32);
             if let Err(e) = bounded(budget, "resubscribe", sub.subscribe(&channels)).await {
                 let message = e.to_string();
                 return Done::CaughtUp(
@@ -476,10 +495,10 @@ impl Subscriber {
                 );
             }
             let names: Vec<Arc<str>> = rooms.iter().map(|(room, ..)| room.clone()).collect();
-            let reads: Vec<BoxFuture<'static, Result<Gap, BusError>>> = rooms
+            let reads: Vec<BoxFuture<'static, CatchUpResult>> = rooms
                 .into_iter()
                 .map(|(room, epoch, delivered)| {
-                    read_gap(cmd.clone(), timeout, settings, room, epoch, delivered).boxed()
+                    catch_up_room(reader.clone(), room, epoch, delivered).boxed()
                 })
                 .collect();
             let results: Vec<_> = futures::stream::iter(reads)
@@ -558,14 +577,18 @@ impl Subscriber {
                     self.busy.remove(&room);
                     let again = self.again.remove(&room);
                     match result {
-                        Ok(gap) => match self.parts.table.fill(gap) {
-                            Filled::Done if again => self.fault(std::slice::from_ref(&room)),
+                        // A fault came in while it was read: still faulted (holding), read it again.
+                        Ok(Some(_)) if again => {
+                            self.retry.remove(&room);
+                        }
+                        Ok(Some(end)) => match self.parts.table.caught_up(&room, &end) {
                             Filled::Done => {
                                 self.retry.remove(&room);
                                 recovered += 1;
                             }
                             Filled::Again | Filled::Stale => {}
                         },
+                        Ok(None) => {}
                         Err(e) => {
                             failed |= matches!(e, BusError::Unavailable(_));
                             let attempts = self.retry.get(&room).map_or(0, |(n, _)| *n) + 1;
@@ -654,40 +677,86 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Reads `room`'s stream after `delivered`. When the room's epoch changed (Redis lost it), reads the new
-/// epoch's whole stream instead: exactly what was accepted since.
-async fn read_gap(
-    mut conn: Conn,
+/// What a catch-up job needs to read and offer pages.
+#[derive(Clone)]
+struct PageReader {
+    table: Arc<RoomTable>,
+    conn: Conn,
     timeout: Duration,
     settings: RoomSettings,
+    pages: Arc<Semaphore>,
+}
+
+/// Offers what `room` missed after `delivered`, reading its stream a page at a time up to the last event
+/// it had at the first read (later ones arrive live and are held until [`RoomTable::caught_up`]). When the
+/// room's epoch changed (Redis lost it), the room's streams get a `Reset` and the new epoch's whole stream
+/// follows: exactly what was accepted since; when history was trimmed past the room's position, a
+/// `Reset` and what is left. Progress is kept in the room's slot: a retry after a failed read goes on
+/// from the last page offered. `None` when the room no longer stands where a page was read from.
+async fn catch_up_room(
+    mut reader: PageReader,
     room: Arc<str>,
     epoch: Arc<str>,
     delivered: StreamId,
-) -> Result<Gap, BusError> {
-    let what = "catch-up read";
-    let mut read = bounded(
-        timeout,
-        what,
-        scripts::read(&mut conn, &room, Some(delivered), settings),
-    )
-    .await?;
-    let reset = if *read.epoch != *epoch {
-        read = bounded(
-            timeout,
-            what,
-            scripts::read(&mut conn, &room, Some(StreamId::default()), settings),
+) -> CatchUpResult {
+    let mut base = (epoch, delivered);
+    let mut through: Option<StreamId> = None;
+    let mut missed = 0usize;
+    loop {
+        let Ok(_permit) = reader.pages.acquire().await else {
+            return Err(BusError::Unavailable("the node is shutting down".into()));
+        };
+        let bounds = scripts::Bounds {
+            events: CATCH_UP_PAGE_EVENTS,
+            bytes: Some(CATCH_UP_PAGE_BYTES),
+            upto: through,
+        };
+        let read = bounded(
+            reader.timeout,
+            "catch-up read",
+            scripts::read_page(
+                &mut reader.conn,
+                &room,
+                Some(base.1),
+                bounds,
+                reader.settings,
+            ),
         )
         .await?;
-        Some("Redis lost this room's history while this node was disconnected from it; events may have been missed")
-    } else if read.trimmed_through > delivered {
-        Some("more events were published while this node was disconnected from Redis than the room's history keeps")
-    } else {
-        None
-    };
-    Ok(Gap {
-        room,
-        base: (epoch, delivered),
-        reset,
-        read,
-    })
+        let lost = *read.epoch != *base.0;
+        let (reset, entries) = if lost {
+            // Start over at the beginning of the new epoch, up to where it stands now.
+            through = Some(read.last);
+            (
+                Some("Redis lost this room's history while this node was disconnected from it; events may have been missed"),
+                &[][..],
+            )
+        } else {
+            if through.is_none() {
+                through = Some(read.last);
+            }
+            let trimmed = read.trimmed_through > base.1;
+            (
+                trimmed.then_some(
+                    "more events were published while this node was disconnected from Redis than the room's history keeps",
+                ),
+                &read.entries[..],
+            )
+        };
+        let Some(now) = reader
+            .table
+            .fill_page(&room, &base, reset, &read.epoch, entries)
+        else {
+            return Ok(None);
+        };
+        missed += entries.len();
+        base = now;
+        let end = through.unwrap_or_default();
+        if !lost && (entries.is_empty() || base.1 >= end) {
+            if missed > 0 {
+                tracing::info!(room = %room, missed, "delivered events missed during a fault");
+            }
+            return Ok(Some(CatchUp { base, through: end }));
+        }
+    }
 }
