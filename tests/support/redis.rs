@@ -34,12 +34,21 @@ fn check_installed(bin: &str) {
     }
 }
 
-/// A free loopback port whose cluster bus port (port + 10000) is free too.
+/// A free loopback port whose cluster bus port (port + 10000) is free too. Both lie below the kernel's
+/// ephemeral range (32768 and up): a port the kernel hands to some outgoing connection between this check
+/// and redis-server binding it (seen: "bind: Address already in use" for the bus port) cannot be one of them.
 fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    const LOW: u16 = 20_000;
+    const SPAN: u64 = 2_700; // ports 20000..22700, bus ports 30000..32700
     loop {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let port = l.local_addr().unwrap().port();
-        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let port = LOW + (random % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+        {
             return port;
         }
     }
