@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::service::interceptor::InterceptedService;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::admin::{AdminApi, LiveStreams};
 use crate::auth::{self, KeyError, Revocations, Verifier};
@@ -129,6 +130,7 @@ pub async fn serve(
         .build_v1alpha()?;
 
     let cors = cors_layer(&config.cors_origins)?;
+    let timing = timing_allow_origin(&config.cors_origins);
     let addr = listener.local_addr().ok();
     tracing::info!(
         ?addr,
@@ -150,6 +152,10 @@ pub async fn serve(
     let app = tower::ServiceBuilder::new()
         .layer(tower_http::trace::TraceLayer::new_for_grpc().on_failure(quiet_failures))
         .layer(cors)
+        .layer(SetResponseHeaderLayer::overriding(
+            HeaderName::from_static("timing-allow-origin"),
+            move |_: &http::Response<_>| timing.clone(),
+        ))
         .layer(tonic_web::GrpcWebLayer::new())
         .service(routes);
 
@@ -253,6 +259,21 @@ async fn report_bus_health(
             changed = healthy.changed() => if changed.is_err() { return },
         }
     }
+}
+
+/// `Timing-Allow-Origin` for the CORS origins, so their pages may read how their calls travelled
+/// (Resource Timing's `nextHopProtocol`, e.g. "h2" over TLS) as they can for same-origin calls. None
+/// without origins.
+fn timing_allow_origin(origins: &[String]) -> Option<HeaderValue> {
+    let list: Vec<&str> = origins
+        .iter()
+        .map(|o| o.trim())
+        .filter(|o| !o.is_empty())
+        .collect();
+    if list.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&list.join(", ")).ok()
 }
 
 /// CORS for browsers (grpc-web): only listed origins, and the grpc headers exposed so a client can read a

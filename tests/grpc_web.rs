@@ -636,6 +636,11 @@ async fn cors_preflight_answers_only_listed_origins() {
         head.headers.get("access-control-allow-origin"),
         Some(&HeaderValue::from_static(APP_ORIGIN))
     );
+    // The page may read how its calls travelled (Resource Timing's nextHopProtocol).
+    assert_eq!(
+        head.headers.get("timing-allow-origin"),
+        Some(&HeaderValue::from_static(APP_ORIGIN))
+    );
     let exposed = header_list(&head.headers, "access-control-expose-headers");
     for needed in ["grpc-status", "grpc-message"] {
         assert!(

@@ -37,9 +37,9 @@ interface Carried {
 
 /**
  * A browser context (one person: one connection pool) with tabs on the page, and a record of how every
- * grpc-web response reached them. The record comes from the DevTools protocol because a page cannot read
- * `nextHopProtocol` of a cross-origin call unless the server sends `Timing-Allow-Origin`, which lamplight
- * does not: the page's Resource Timing shows "" for them.
+ * grpc-web response reached them, from the DevTools protocol (it sees open streams too, and the socket each
+ * used). The page's own view is checked as well: lamplight sends `Timing-Allow-Origin` for its CORS
+ * origins, so Resource Timing's `nextHopProtocol` of a finished call is readable (see `pageProtocols`).
  */
 async function openTabs(chromium: TestBrowser, pageUrl: string, n: number, errors: string[]) {
   const context = await chromium.browser.newContext();
@@ -63,6 +63,17 @@ async function openTabs(chromium: TestBrowser, pageUrl: string, n: number, error
     pages.push(page);
   }
   return { context, pages, carried };
+}
+
+/** `nextHopProtocol` of the page's finished calls to `path` (Resource Timing: what the app itself sees). */
+async function pageProtocols(page: Page, path: string): Promise<string[]> {
+  return page.evaluate(
+    (p) =>
+      (performance.getEntriesByType("resource") as PerformanceResourceTiming[])
+        .filter((e) => new URL(e.name).pathname === p)
+        .map((e) => e.nextHopProtocol),
+    path,
+  );
 }
 
 /** Starts the tab's client as `user` and waits until it has joined every room (or says why not). */
@@ -188,6 +199,12 @@ describe("over HTTPS", () => {
     // One HTTP/2 connection per origin is what Chromium keeps (two, if a race opened a second one).
     expect(new Set(subscribes.map((c) => c.connectionId)).size).toBeLessThanOrEqual(2);
     expect(new Set(opened.carried.filter((c) => c.path.endsWith("/GetPresence")).map((c) => c.tab)).size).toBe(TABS);
+    // The page sees it too: its GetPresence calls report nextHopProtocol "h2".
+    for (const tab of tabs) {
+      const seen = await pageProtocols(tab, "/lamplight.v1.EventService/GetPresence");
+      expect(seen.length).toBeGreaterThan(0);
+      expect(new Set(seen)).toEqual(new Set(["h2"]));
+    }
     expect(errors).toEqual([]);
   });
 });
@@ -204,6 +221,9 @@ describe("over plain HTTP (the contrast)", () => {
       for (const tab of pages) await presence(tab, P1);
       expect(carried.map((c) => c.path)).toContain("/lamplight.v1.EventService/GetPresence");
       expect(new Set(carried.map((c) => c.protocol))).toEqual(new Set(["http/1.1"]));
+      for (const tab of pages) {
+        expect(new Set(await pageProtocols(tab, "/lamplight.v1.EventService/GetPresence"))).toEqual(new Set(["http/1.1"]));
+      }
       // Each open stream holds a connection of its own.
       const live = carried.filter((c) => c.path === "/lamplight.v1.EventService/Subscribe");
       expect(new Set(live.map((c) => c.connectionId)).size).toBeGreaterThanOrEqual(pages.length);
