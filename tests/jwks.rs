@@ -97,6 +97,20 @@ async fn rotated_keys_work_without_restart_and_removed_keys_are_refused() {
     try_subscribe(&server, &a.token("u1"))
         .await
         .expect("key A is in the set");
+    // Keys stay pinned to their alg: key A's kid on an HS256 token (signed with anything) is refused.
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = Some("key-a".into());
+    let forged = jsonwebtoken::encode(
+        &header,
+        &user_claims("u1"),
+        &EncodingKey::from_secret(b"guess"),
+    )
+    .unwrap();
+    expect_status(
+        try_subscribe(&server, &forged).await,
+        Code::Unauthenticated,
+        &["HS256", "key-a"],
+    );
     // The HS256 development secret is not accepted when a key source is configured.
     expect_status(
         try_subscribe(&server, &user_token("u1")).await,
