@@ -34,6 +34,8 @@ use crate::rooms::Room;
 pub const DEFAULT_STATUS_WINDOW_MS: u64 = 250;
 /// Changes in one `PresenceDiff` event at most; a settle with more publishes several events.
 pub const MAX_CHANGES_PER_EVENT: usize = 1000;
+/// After a failed settle (the bus is down), the next try waits at least this long.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Event type of a status diff.
 pub const STATUS_EVENT_TYPE: &str = "user.status";
 
@@ -98,8 +100,8 @@ impl StatusWindow {
     }
 
     /// Settles every tenant marked so far, now. A tenant whose settle failed stays marked (retried after
-    /// the next window).
-    pub(crate) async fn flush(&self, settle: &dyn Settle) {
+    /// the next window, at least [`RETRY_AFTER`] later); returns whether one did.
+    pub(crate) async fn flush(&self, settle: &dyn Settle) -> bool {
         let tenants: Vec<String> = {
             let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
             dirty.drain().collect()
@@ -118,6 +120,7 @@ impl StatusWindow {
         if failed {
             self.wake.notify_one();
         }
+        failed
     }
 
     /// Until `cancel`: one window after a tenant is marked, settles every marked tenant. Holds `settle`
@@ -139,7 +142,14 @@ impl StatusWindow {
             let Some(settle) = settle.upgrade() else {
                 return;
             };
-            self.flush(&*settle).await;
+            let failed = self.flush(&*settle).await;
+            drop(settle);
+            if failed {
+                tokio::select! {
+                    _ = tokio::time::sleep(RETRY_AFTER) => {}
+                    _ = cancel.cancelled() => return,
+                }
+            }
         }
     }
 }

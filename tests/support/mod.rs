@@ -355,7 +355,10 @@ pub fn status_changes(event: &lamplight::proto::v1::Event) -> Option<Vec<(String
         .changes
         .iter()
         .map(|c| {
-            assert!(matches!(c.status(), Status::Online | Status::Offline), "{c:?}");
+            assert!(
+                matches!(c.status(), Status::Online | Status::Offline),
+                "{c:?}"
+            );
             (c.user_id.clone(), c.status() == Status::Online)
         })
         .collect();

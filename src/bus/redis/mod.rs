@@ -389,7 +389,7 @@ impl Bus for RedisBus {
     async fn shutdown(&self) -> Result<(), BusError> {
         let removed = self.presence.shutdown(&self.cmd).await;
         // The OFFLINEs this node decided are published now, not a window later.
-        self.statuses.flush(&*self.settler).await;
+        let _ = self.statuses.flush(&*self.settler).await;
         tracing::info!(node = %self.node, connections = removed?, "left presence");
         Ok(())
     }
