@@ -15,8 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lamplight::proto::v1::{
-    event::Payload, subscribe_response::Kind, user_status, Event, SubscribeRequest,
-    SubscribeResponse, Task,
+    event::Payload, subscribe_response::Kind, Event, SubscribeRequest, SubscribeResponse, Task,
 };
 use redis_support::*;
 use support::*;
@@ -440,7 +439,7 @@ async fn after_a_redis_outage_live_nodes_do_not_reap_each_other() {
     let mut u2 = b.client(&user_token("u2")).await;
     let _u2 = join(&mut u2).await;
     // Their ONLINE statuses went out (a window after the connects), so none is due after the outage.
-    let mut r = redis.conn().await;
+    let r = redis.conn().await;
     eventually(
         Duration::from_secs(10),
         "both users told online",

@@ -9,8 +9,8 @@ mod support;
 use std::time::Duration;
 
 use lamplight::proto::v1::{
-    event::Payload, subscribe_response::Kind, user_status, Event, GetPresenceRequest,
-    PublishRequest, SubscribeResponse,
+    subscribe_response::Kind, user_status, Event, GetPresenceRequest, PublishRequest,
+    SubscribeResponse,
 };
 use redis_support::*;
 use support::*;

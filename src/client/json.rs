@@ -3,8 +3,9 @@
 //!
 //! An event is one object: `id`, `room`, `type`, `time` (RFC 3339, UTC), `publisher_id`, and one key named
 //! after the payload (`task`, `bug`, `feature`, `message`, `notification`, `typing`, `user_status`,
-//! `custom`) holding the payload's fields by their proto names, all present even when empty. `custom.data`
-//! is base64 (standard alphabet, padded), `user_status.status` the enum name (`ONLINE`, `OFFLINE`).
+//! `presence_diff`, `custom`) holding the payload's fields by their proto names, all present even when
+//! empty. `custom.data` is base64 (standard alphabet, padded), `user_status.status` and each
+//! `presence_diff.changes[].status` the enum name (`ONLINE`, `OFFLINE`).
 //!
 //! ```json
 //! {"id":"m3x1-7","room":"tenant:t1:project:p1","type":"task.created","time":"2026-11-05T10:00:00.5Z",
