@@ -172,3 +172,31 @@ async fn statuses_off_publish_none_on_redis() {
     let marker = publish_task(&mut svc, "tenant:t1", "marker").await.unwrap();
     assert_eq!(next_event(&mut statuses).await.id, marker);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_user_moving_between_nodes_is_not_announced_whatever_order_the_nodes_settle_in() {
+    let redis = RedisServer::start().await;
+    // A settles 3 s after a change, B after 100 ms: B publishes first what A decided first.
+    let a = node(&redis, |c| c.status_window_ms = 3000).await;
+    let b = node(&redis, |c| c.status_window_ms = 100).await;
+    let mut svc = b.client(&publisher_token()).await;
+    let (mut statuses, _) = subscribe(&mut svc, &["tenant:t1"], &[]).await.unwrap();
+    let on_a = open(&a, "u1").await;
+    assert_diff(&next_event(&mut statuses).await, &[("u1", true)]);
+
+    // u1 leaves A (A decides OFFLINE) and opens on B (B decides ONLINE) at once.
+    drop(on_a);
+    eventually(Duration::from_secs(10), "u1 leaves A", || async {
+        !tenant_users(&b).await.contains("u1")
+    })
+    .await;
+    let _on_b = open(&b, "u1").await;
+    // Both nodes have settled (A's window is the longer): u1 was online before and is now, so nothing
+    // was published; one event per decided transition, in the order nodes settle, would have ended with
+    // OFFLINE.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let marker = publish_task(&mut svc, "tenant:t1", "marker").await.unwrap();
+    let next = next_event(&mut statuses).await;
+    assert_eq!(next.id, marker, "a status was published: {next:?}");
+    assert!(tenant_users(&a).await.contains("u1"));
+}
