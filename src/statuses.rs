@@ -154,6 +154,12 @@ impl StatusWindow {
     }
 }
 
+/// Counts one published status event of `changes` changes.
+pub(crate) fn count_published(changes: usize) {
+    metrics::counter!(crate::metrics::STATUS_EVENTS).increment(1);
+    metrics::counter!(crate::metrics::STATUS_CHANGES).increment(changes as u64);
+}
+
 /// The status diff event for `tenant` carrying `changes` (user, online), without id.
 pub fn diff_event(tenant: &str, changes: &[(String, bool)]) -> Event {
     Event {

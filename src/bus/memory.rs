@@ -266,6 +266,7 @@ impl Settle for Inner {
         let changes = presence.settle(tenant);
         for chunk in changes.chunks(MAX_CHANGES_PER_EVENT) {
             self.publish_now(diff_event(tenant, chunk));
+            crate::statuses::count_published(chunk.len());
         }
         Ok(())
     }

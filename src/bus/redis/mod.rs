@@ -248,6 +248,9 @@ impl Settle for Settler {
                 ),
             )
             .await?;
+            if settled.published > 0 {
+                crate::statuses::count_published(settled.published);
+            }
             if settled.remaining == 0 || settled.taken == 0 {
                 return Ok(());
             }
