@@ -64,8 +64,8 @@ pub(crate) trait Settle: Send + Sync + 'static {
     async fn settle(&self, tenant: &str) -> Result<(), BusError>;
 }
 
-/// The tenants this node made dirty since its last settle. Unbounded in principle, but bounded by the
-/// tenants with connections on this node.
+/// The tenants this node made dirty since its last settle: at most the tenants with connections on this
+/// node (or reaped by it), each held once.
 pub(crate) struct StatusWindow {
     settings: StatusSettings,
     dirty: Mutex<HashSet<String>>,
@@ -91,12 +91,13 @@ impl StatusWindow {
         if !self.settings.enabled {
             return;
         }
-        let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
-        if !dirty.contains(tenant) {
-            dirty.insert(tenant.to_owned());
+        let newly = {
+            let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+            !dirty.contains(tenant) && dirty.insert(tenant.to_owned())
+        };
+        if newly {
+            self.wake.notify_one();
         }
-        drop(dirty);
-        self.wake.notify_one();
     }
 
     /// Settles every tenant marked so far, now. A tenant whose settle failed stays marked (retried after

@@ -248,8 +248,8 @@ pub trait Bus: Send + Sync + 'static {
     async fn presence(&self, room: &str) -> Result<PresenceSnapshot, BusError>;
 
     /// Says goodbye before the process exits: removes every connection of this node from presence
-    /// (publishing OFFLINE for users with no other connection anywhere) and the node itself from whatever
-    /// registry other nodes watch. [`crate::serve`] calls it once, after the streams ended, within the
+    /// (publishing OFFLINE at once for users with no other connection anywhere) and the node itself from
+    /// whatever registry other nodes watch. [`crate::serve`] calls it once, after the streams ended, within the
     /// shutdown grace period. The embedded bus has nothing outside the process to clean.
     async fn shutdown(&self) -> Result<(), BusError> {
         Ok(())

@@ -4,8 +4,9 @@
 //! restarts of the node). It is recorded
 //! - in each room's sorted set (`{node}/{id}/{user}`), scored by its expiry, which `GetPresence` reads;
 //! - in the user's sorted set in the tenant room's slot, whose count decides ONLINE/OFFLINE: the connect
-//!   and disconnect scripts change it and publish the status atomically, so a status is published once
-//!   per transition, whichever nodes the user's streams are on;
+//!   and disconnect scripts change it and decide the transition atomically, once per transition whichever
+//!   nodes the user's streams are on, and mark the user dirty in the tenant; this node then settles the
+//!   tenant's statuses into one `user.status` event a window later ([`crate::statuses`]);
 //! - in the node's hash of connections, read by whoever reaps the node after it died.
 //!
 //! A connection is tracked locally before anything is written, so a disconnect always undoes a connect,
@@ -17,7 +18,7 @@
 //! - **Graceful shutdown**: [`Presence::shutdown`] removes them all (OFFLINE for users with no other
 //!   connection) and takes the node out of the registry, within the shutdown grace period.
 //! - **Crash** (SIGKILL, lost host): the first live node that sees the registry entry expired reaps it:
-//!   removes its connections and publishes OFFLINE, at most `2 * ttl / 3` after the node's last refresh
+//!   removes its connections and decides OFFLINE (published by its next settle), at most `2 * ttl / 3` after the node's last refresh
 //!   (a node whose own previous refresh is not recent, e.g. after a Redis outage, reaps nobody yet);
 //!   without any live node, the room entries still drop out of `GetPresence` `ttl` after the last
 //!   heartbeat.
