@@ -435,6 +435,18 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub typing_per_sec: u32,
 
+    /// Publish users' ONLINE/OFFLINE statuses to their tenant room (`user.status` events). `false`:
+    /// none is published; `GetPresence` still counts. Set the same on every node.
+    #[arg(long, env = "LAMPLIGHT_USER_STATUSES", default_value_t = true,
+          action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub user_statuses: bool,
+
+    /// Milliseconds a node gathers a tenant's status changes before publishing them as one event (a
+    /// user who came and went within it is not announced).
+    #[arg(long, env = "LAMPLIGHT_STATUS_WINDOW_MS", default_value_t = crate::statuses::DEFAULT_STATUS_WINDOW_MS,
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub status_window_ms: u64,
+
     /// Seconds open streams get to end after SIGINT/SIGTERM before the server exits anyway.
     #[arg(long, env = "LAMPLIGHT_SHUTDOWN_GRACE_SECS", default_value_t = DEFAULT_SHUTDOWN_GRACE_SECS)]
     pub shutdown_grace_secs: u64,
@@ -529,6 +541,8 @@ impl Config {
             stream_queue: DEFAULT_STREAM_QUEUE,
             stream_queue_bytes: DEFAULT_STREAM_QUEUE_BYTES,
             typing_per_sec: DEFAULT_TYPING_PER_SEC,
+            user_statuses: true,
+            status_window_ms: crate::statuses::DEFAULT_STATUS_WINDOW_MS,
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             max_streams_per_user: DEFAULT_MAX_STREAMS_PER_USER,
@@ -543,6 +557,14 @@ impl Config {
             metrics_listen: None,
             worker_threads: None,
             redis: RedisConfig::default(),
+        }
+    }
+
+    /// Status settings.
+    pub fn statuses(&self) -> crate::statuses::StatusSettings {
+        crate::statuses::StatusSettings {
+            enabled: self.user_statuses,
+            window: Duration::from_millis(self.status_window_ms),
         }
     }
 

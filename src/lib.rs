@@ -6,7 +6,7 @@
 //!
 //! Modules, by concept: [`config`] (flags and env), [`auth`] (JWT -> principal), [`rooms`] (room grammar),
 //! [`policy`] (who may do what), [`service`] (the gRPC handlers), [`bus`] (ids, history, fan-out; one
-//! trait, several transports), [`presence`], [`ratelimit`], [`wire`] (pre-encoded responses), [`error`]
+//! trait, several transports), [`presence`], [`statuses`] (coalesced ONLINE/OFFLINE events), [`ratelimit`], [`wire`] (pre-encoded responses), [`error`]
 //! (the one mapping to `tonic::Status`), [`server`] (assembly and middleware), [`listener`] (accepting
 //! connections, their limits and settings), [`limits`] (streams per user), [`watchdog`] (ending streams the
 //! server cannot write to), [`admin`] (membership changes on live streams), [`shutdown`], [`tls`], [`cli`].
@@ -33,6 +33,7 @@ pub mod rooms;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+pub mod statuses;
 pub mod tls;
 pub mod watchdog;
 pub mod wire;

@@ -64,6 +64,10 @@ pub const JWKS_KEYS: &str = "lamplight_jwks_keys";
 pub const TLS_RELOADS: &str = "lamplight_tls_reloads_total";
 /// Recoveries of the Redis bus's pub/sub: reconnections, and overflows of its queue (both re-read the rooms' streams).
 pub const REDIS_RECONNECTS: &str = "lamplight_redis_reconnects_total";
+/// `user.status` events this node published (one per tenant per window at most, see `statuses`).
+pub const STATUS_EVENTS: &str = "lamplight_status_events_total";
+/// ONLINE/OFFLINE changes those events carried.
+pub const STATUS_CHANGES: &str = "lamplight_status_changes_total";
 /// Redis channel subscriptions this node holds.
 pub const REDIS_SUBSCRIPTIONS: &str = "lamplight_redis_subscriptions";
 
@@ -143,6 +147,8 @@ fn describe() {
         "Publish latency until the bus accepted the event"
     );
     describe_counter!(AUTH_FAILURES, "Calls refused by authentication or policy");
+    describe_counter!(STATUS_EVENTS, "user.status events this node published");
+    describe_counter!(STATUS_CHANGES, "ONLINE/OFFLINE changes in those events");
     describe_counter!(REDIS_RECONNECTS, "Reconnections of the Redis bus");
     describe_gauge!(
         REDIS_SUBSCRIPTIONS,

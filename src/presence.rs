@@ -2,13 +2,11 @@
 //!
 //! A *connection* is one open `Subscribe` stream of a user; a user is online while at least one of their
 //! connections is open anywhere. Services (role `publisher`) are not counted. [`PresenceTable`] is the
-//! in-process bookkeeping; a distributed bus keeps the same counts in its own store.
+//! in-process bookkeeping; a distributed bus keeps the same counts in its own store. Statuses are
+//! published coalesced, per tenant and window: see [`crate::statuses`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-
-use crate::proto::v1::{event::Payload, user_status, Event, UserStatus};
-use crate::rooms::Room;
 
 /// `publisher_id` of the statuses the server itself publishes.
 pub const SYSTEM_PUBLISHER: &str = "lamplight";
@@ -85,6 +83,10 @@ pub struct PresenceTable {
     rooms: HashMap<String, BTreeMap<String, u32>>,
     /// (tenant, user) -> open connections.
     users: HashMap<(String, String), u32>,
+    /// tenant -> users whose transition was decided but not settled yet (see [`crate::statuses`]).
+    dirty: HashMap<String, BTreeSet<String>>,
+    /// tenant -> users the tenant room was last told are online.
+    told_online: HashMap<String, HashSet<String>>,
 }
 
 impl PresenceTable {
@@ -144,6 +146,37 @@ impl PresenceTable {
         }
     }
 
+    /// Remembers that `member`'s user had a transition, to be settled by [`Self::settle`].
+    pub fn mark_dirty(&mut self, member: &Member) {
+        self.dirty
+            .entry(member.tenant.clone())
+            .or_default()
+            .insert(member.user_id.clone());
+    }
+
+    /// The net status changes of `tenant` since its last settle: each dirty user whose state now differs
+    /// from what the tenant room was told, as (user, online), sorted by user; they are now told.
+    pub fn settle(&mut self, tenant: &str) -> Vec<(String, bool)> {
+        let Some(dirty) = self.dirty.remove(tenant) else {
+            return Vec::new();
+        };
+        let told = self.told_online.entry(tenant.to_owned()).or_default();
+        let mut changes = Vec::new();
+        for user in dirty {
+            let online = self.users.contains_key(&(tenant.to_owned(), user.clone()));
+            if online && !told.contains(&user) {
+                told.insert(user.clone());
+                changes.push((user, true));
+            } else if !online && told.remove(&user) {
+                changes.push((user, false));
+            }
+        }
+        if told.is_empty() {
+            self.told_online.remove(tenant);
+        }
+        changes
+    }
+
     /// Who is in `room`.
     pub fn snapshot(&self, room: &str) -> PresenceSnapshot {
         self.rooms
@@ -153,26 +186,6 @@ impl PresenceTable {
                 connections: users.values().sum(),
             })
             .unwrap_or_default()
-    }
-}
-
-/// The `user.online` / `user.offline` event for `member`, addressed to their tenant room.
-pub fn status_event(member: &Member, online: bool) -> Event {
-    let (kind, status) = if online {
-        ("user.online", user_status::Status::Online)
-    } else {
-        ("user.offline", user_status::Status::Offline)
-    };
-    Event {
-        room: Room::tenant_room(&member.tenant),
-        r#type: kind.to_owned(),
-        time: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
-        publisher_id: SYSTEM_PUBLISHER.to_owned(),
-        payload: Some(Payload::UserStatus(UserStatus {
-            user_id: member.user_id.clone(),
-            status: status as i32,
-        })),
-        ..Default::default()
     }
 }
 
@@ -217,5 +230,32 @@ mod tests {
         assert_eq!(t.disconnect(&member("u2", 3), &rooms), Transition::Offline);
         assert_eq!(t.snapshot("tenant:t1"), PresenceSnapshot::default());
         assert!(t.rooms.is_empty() && t.users.is_empty());
+    }
+
+    #[test]
+    fn settle_reports_net_changes_once() {
+        let mut t = PresenceTable::default();
+        let rooms = vec!["tenant:t1".to_owned()];
+        for (user, conn) in [("u1", 1), ("u2", 2)] {
+            t.connect(&member(user, conn), &rooms);
+            t.mark_dirty(&member(user, conn));
+        }
+        assert_eq!(
+            t.settle("t1"),
+            vec![("u1".to_owned(), true), ("u2".to_owned(), true)]
+        );
+        assert_eq!(t.settle("t1"), vec![], "told already");
+        // u3 comes and goes within one window: nothing to tell. u1 leaves.
+        t.connect(&member("u3", 3), &rooms);
+        t.mark_dirty(&member("u3", 3));
+        t.disconnect(&member("u3", 3), &rooms);
+        t.mark_dirty(&member("u3", 3));
+        t.disconnect(&member("u1", 1), &rooms);
+        t.mark_dirty(&member("u1", 1));
+        assert_eq!(t.settle("t1"), vec![("u1".to_owned(), false)]);
+        t.disconnect(&member("u2", 2), &rooms);
+        t.mark_dirty(&member("u2", 2));
+        assert_eq!(t.settle("t1"), vec![("u2".to_owned(), false)]);
+        assert!(t.dirty.is_empty() && t.told_online.is_empty());
     }
 }

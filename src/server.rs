@@ -212,7 +212,11 @@ async fn say_goodbye(bus: &dyn Bus, cleanup: TaskTracker, deadline: tokio::time:
 async fn build_bus(config: &Config) -> Result<Arc<dyn Bus>, ServeError> {
     let history_ttl = Duration::from_secs(config.history_ttl_secs);
     let Some(url) = &config.redis.redis_url else {
-        return Ok(Arc::new(MemoryBus::new(config.history_size, history_ttl)));
+        return Ok(Arc::new(MemoryBus::with_statuses(
+            config.history_size,
+            history_ttl,
+            config.statuses(),
+        )));
     };
     let target = Target::parse(url, config.redis.redis_cluster).map_err(ServeError::RedisUrl)?;
     let bus = RedisBus::connect(RedisOptions {
@@ -225,6 +229,7 @@ async fn build_bus(config: &Config) -> Result<Arc<dyn Bus>, ServeError> {
         history_ttl,
         allow_eviction: config.redis.redis_allow_eviction,
         push_queue_bytes: config.redis.redis_push_queue_bytes,
+        statuses: config.statuses(),
     })
     .await?;
     Ok(Arc::new(bus))

@@ -145,12 +145,24 @@ async fn members_of_a_killed_node_leave_presence_and_go_offline_once() {
     let (_u2_on_survivor, _) = subscribe(&mut u2, &[ROOM], &[]).await.unwrap();
     assert_eq!(presence(&survivor.url()).await, ["u1", "u2"]);
 
+    // One change at a time: those of one `user.status` event in user order.
+    let mut pending = std::collections::VecDeque::new();
     let mut next_status = async || loop {
+        if let Some((user, online)) = pending.pop_front() {
+            let status = if online {
+                user_status::Status::Online
+            } else {
+                user_status::Status::Offline
+            };
+            return (user, status);
+        }
         match next_non_heartbeat(&mut statuses).await.unwrap() {
-            Kind::Event(Event {
-                payload: Some(Payload::UserStatus(s)),
-                ..
-            }) if s.user_id != "observer" => return (s.user_id.clone(), s.status()),
+            Kind::Event(e) if status_changes(&e).is_some() => pending.extend(
+                status_changes(&e)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|(u, _)| u != "observer"),
+            ),
             Kind::Event(e) if e.r#type == "marker" => {
                 return (e.r#type, user_status::Status::Unspecified)
             }

@@ -21,8 +21,9 @@ use super::{
     is_ephemeral, Bus, BusError, Position, Recovery, Replay, RoomFeed, RoomItem, Sink, StoredEvent,
 };
 use crate::metrics::ROOMS_LOCAL;
-use crate::presence::{status_event, Member, PresenceSnapshot, PresenceTable, Transition};
+use crate::presence::{Member, PresenceSnapshot, PresenceTable, Transition};
 use crate::proto::v1::Event;
+use crate::statuses::{diff_event, Settle, StatusSettings, StatusWindow, MAX_CHANGES_PER_EVENT};
 
 /// How long a publish's idempotency key is remembered.
 pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(600);
@@ -46,6 +47,10 @@ struct Inner {
     rooms: Mutex<HashMap<Arc<str>, Arc<Mutex<RoomState>>>>,
     idempotency: Mutex<Idempotency>,
     presence: Mutex<PresenceTable>,
+    /// Tenants with status changes to publish at the end of the window.
+    statuses: Arc<StatusWindow>,
+    /// Stops the status window's task when the bus is dropped.
+    _stop: tokio_util::sync::DropGuard,
     history_size: usize,
     history_ttl: Duration,
     /// Runs between a room's lookup and its lock (see [`Inner::with_room`]), so a test can sweep there.
@@ -99,10 +104,21 @@ impl MemoryBus {
     /// A bus keeping `history_size` events per room. Spawns the sweeper that forgets idle rooms, so it must
     /// be called inside a tokio runtime; the sweeper stops when the bus is dropped.
     pub fn new(history_size: usize, history_ttl: Duration) -> Self {
+        Self::with_statuses(history_size, history_ttl, StatusSettings::default())
+    }
+
+    /// [`Self::new`] with status settings (see [`crate::statuses`]).
+    pub fn with_statuses(
+        history_size: usize,
+        history_ttl: Duration,
+        statuses: StatusSettings,
+    ) -> Self {
         let epoch_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let window = StatusWindow::new(statuses);
         let inner = Arc::new(Inner {
             epoch: base36(epoch_ms),
             seq: AtomicU64::new(0),
@@ -111,12 +127,15 @@ impl MemoryBus {
             rooms: Mutex::new(HashMap::new()),
             idempotency: Mutex::new(Idempotency::default()),
             presence: Mutex::new(PresenceTable::default()),
+            statuses: window.clone(),
+            _stop: cancel.clone().drop_guard(),
             history_size: history_size.max(1),
             history_ttl,
             #[cfg(test)]
             between_lookup_and_lock: Mutex::new(None),
         });
         let weak = Arc::downgrade(&inner);
+        tokio::spawn(window.run(weak.clone(), cancel));
         tokio::spawn(sweep(
             weak,
             (history_ttl / 10).clamp(Duration::from_secs(1), EMPTY_ROOM_TTL),
@@ -229,16 +248,27 @@ impl Inner {
         Ok((epoch.to_owned(), seq))
     }
 
-    fn transition(&self, member: &Member, transition: Transition) {
-        match transition {
-            Transition::Online => {
-                self.publish_now(status_event(member, true));
-            }
-            Transition::Offline => {
-                self.publish_now(status_event(member, false));
-            }
-            Transition::None => {}
+    /// Marks the user for the next status settle of their tenant, under the presence lock.
+    fn transition(&self, presence: &mut PresenceTable, member: &Member, transition: Transition) {
+        if transition != Transition::None && self.statuses.enabled() {
+            presence.mark_dirty(member);
+            self.statuses.mark(&member.tenant);
         }
+    }
+}
+
+#[async_trait]
+impl Settle for Inner {
+    /// Settles and publishes under the presence lock, so that the diffs reach the tenant room in the
+    /// order they were settled.
+    async fn settle(&self, tenant: &str) -> Result<(), BusError> {
+        let mut presence = lock(&self.presence);
+        let changes = presence.settle(tenant);
+        for chunk in changes.chunks(MAX_CHANGES_PER_EVENT) {
+            self.publish_now(diff_event(tenant, chunk));
+            crate::statuses::count_published(chunk.len());
+        }
+        Ok(())
     }
 }
 
@@ -349,7 +379,7 @@ impl Bus for MemoryBus {
     async fn connect(&self, member: &Member, rooms: &[String]) -> Result<(), BusError> {
         let mut presence = lock(&self.inner.presence);
         let transition = presence.connect(member, rooms);
-        self.inner.transition(member, transition);
+        self.inner.transition(&mut presence, member, transition);
         Ok(())
     }
 
@@ -361,7 +391,7 @@ impl Bus for MemoryBus {
     async fn disconnect(&self, member: &Member, rooms: &[String]) -> Result<(), BusError> {
         let mut presence = lock(&self.inner.presence);
         let transition = presence.disconnect(member, rooms);
-        self.inner.transition(member, transition);
+        self.inner.transition(&mut presence, member, transition);
         Ok(())
     }
 

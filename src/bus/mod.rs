@@ -230,9 +230,9 @@ pub trait Bus: Send + Sync + 'static {
         sink: &Sink,
     ) -> Result<RoomFeed, BusError>;
 
-    /// Records a connection of `member` in `rooms`; when it is the user's first connection, publishes
-    /// `UserStatus ONLINE` to the user's tenant room, atomically with the count so statuses cannot be
-    /// reordered. Once the returned future was polled, [`Bus::disconnect`] of the same member is valid and
+    /// Records a connection of `member` in `rooms`; when it is the user's first connection, marks the
+    /// user ONLINE-changed atomically with the count, for the coalesced status event of the window
+    /// ([`crate::statuses`]). Once the returned future was polled, [`Bus::disconnect`] of the same member is valid and
     /// undoes whatever it did, even if the future was then dropped or failed.
     async fn connect(&self, member: &Member, rooms: &[String]) -> Result<(), BusError>;
 
@@ -240,15 +240,16 @@ pub trait Bus: Send + Sync + 'static {
     /// does in its other rooms (a later [`Bus::disconnect`] names only those).
     async fn leave(&self, member: &Member, room: &str) -> Result<(), BusError>;
 
-    /// Removes that connection; after the user's last one, publishes `UserStatus OFFLINE`.
+    /// Removes that connection; after the user's last one, marks the user OFFLINE-changed (see
+    /// [`Bus::connect`]).
     async fn disconnect(&self, member: &Member, rooms: &[String]) -> Result<(), BusError>;
 
     /// Distinct users and connections in a room.
     async fn presence(&self, room: &str) -> Result<PresenceSnapshot, BusError>;
 
     /// Says goodbye before the process exits: removes every connection of this node from presence
-    /// (publishing OFFLINE for users with no other connection anywhere) and the node itself from whatever
-    /// registry other nodes watch. [`crate::serve`] calls it once, after the streams ended, within the
+    /// (publishing OFFLINE at once for users with no other connection anywhere) and the node itself from
+    /// whatever registry other nodes watch. [`crate::serve`] calls it once, after the streams ended, within the
     /// shutdown grace period. The embedded bus has nothing outside the process to clean.
     async fn shutdown(&self) -> Result<(), BusError> {
         Ok(())
@@ -292,10 +293,11 @@ pub trait Bus: Send + Sync + 'static {
     }
 }
 
-/// Typing and user-status events are delivered live and never kept in history.
+/// Typing and user-status events (`UserStatus`, `PresenceDiff`) are delivered live and never kept in
+/// history.
 pub fn is_ephemeral(event: &Event) -> bool {
     matches!(
         event.payload,
-        Some(Payload::Typing(_)) | Some(Payload::UserStatus(_))
+        Some(Payload::Typing(_)) | Some(Payload::UserStatus(_)) | Some(Payload::PresenceDiff(_))
     )
 }

@@ -3,8 +3,9 @@
 //!
 //! An event is one object: `id`, `room`, `type`, `time` (RFC 3339, UTC), `publisher_id`, and one key named
 //! after the payload (`task`, `bug`, `feature`, `message`, `notification`, `typing`, `user_status`,
-//! `custom`) holding the payload's fields by their proto names, all present even when empty. `custom.data`
-//! is base64 (standard alphabet, padded), `user_status.status` the enum name (`ONLINE`, `OFFLINE`).
+//! `presence_diff`, `custom`) holding the payload's fields by their proto names, all present even when
+//! empty. `custom.data` is base64 (standard alphabet, padded), `user_status.status` and each
+//! `presence_diff.changes[].status` the enum name (`ONLINE`, `OFFLINE`).
 //!
 //! ```json
 //! {"id":"m3x1-7","room":"tenant:t1:project:p1","type":"task.created","time":"2026-11-05T10:00:00.5Z",
@@ -73,20 +74,26 @@ pub fn payload_to_json(payload: &Payload) -> (&'static str, Value) {
             "typing",
             json!({"channel_id": t.channel_id, "user_id": t.user_id, "is_typing": t.is_typing}),
         ),
-        Payload::UserStatus(s) => {
-            let status = user_status::Status::try_from(s.status)
-                .map_or_else(|_| s.status.to_string(), |v| v.as_str_name().to_owned());
-            (
-                "user_status",
-                json!({"user_id": s.user_id, "status": status}),
-            )
-        }
+        Payload::UserStatus(s) => (
+            "user_status",
+            json!({"user_id": s.user_id, "status": status_name(s.status)}),
+        ),
+        Payload::PresenceDiff(d) => (
+            "presence_diff",
+            json!({"changes": d.changes.iter().map(|s| json!({"user_id": s.user_id, "status": status_name(s.status)})).collect::<Vec<_>>()}),
+        ),
         Payload::Custom(c) => (
             "custom",
             json!({"content_type": c.content_type,
                    "data": base64::engine::general_purpose::STANDARD.encode(&c.data)}),
         ),
     }
+}
+
+/// `ONLINE` / `OFFLINE`, or the number of a status this build does not know.
+fn status_name(status: i32) -> String {
+    user_status::Status::try_from(status)
+        .map_or_else(|_| status.to_string(), |v| v.as_str_name().to_owned())
 }
 
 /// Payloads that `lamplight publish` builds from a JSON object of string fields.
@@ -274,6 +281,20 @@ mod tests {
             status: user_status::Status::Online as i32,
         });
         assert_eq!(payload_to_json(&online).1["status"], "ONLINE");
+        let diff = Payload::PresenceDiff(crate::proto::v1::PresenceDiff {
+            changes: vec![
+                crate::statuses::change("u1", true),
+                crate::statuses::change("u2", false),
+            ],
+        });
+        assert_eq!(
+            payload_to_json(&diff),
+            (
+                "presence_diff",
+                json!({"changes": [{"user_id": "u1", "status": "ONLINE"},
+                                   {"user_id": "u2", "status": "OFFLINE"}]})
+            )
+        );
     }
 
     #[test]

@@ -335,3 +335,106 @@ pub fn resume_since(status: &tonic::Status) -> std::collections::BTreeMap<String
         });
     serde_json::from_str(value.to_str().expect("ASCII metadata")).expect("JSON object room -> id")
 }
+
+/// Longer than a few status windows (default 250 ms): a status that was going to be published has been
+/// by then, so a marker published after it comes after the status too.
+pub const STATUS_SETTLE: Duration = Duration::from_millis(1200);
+
+/// The (user, online) changes of a `user.status` event, sorted by user, or `None` for any other event.
+/// Checks the envelope: tenant room, server publisher, id and time set, one entry per user, never empty.
+pub fn status_changes(event: &lamplight::proto::v1::Event) -> Option<Vec<(String, bool)>> {
+    use lamplight::proto::v1::{event::Payload, user_status::Status};
+    let Some(Payload::PresenceDiff(diff)) = &event.payload else {
+        return None;
+    };
+    assert_eq!(event.r#type, "user.status", "{event:?}");
+    assert!(event.room.starts_with("tenant:"), "{event:?}");
+    assert_eq!(event.publisher_id, "lamplight");
+    assert!(!event.id.is_empty() && event.time.is_some(), "{event:?}");
+    let mut changes: Vec<(String, bool)> = diff
+        .changes
+        .iter()
+        .map(|c| {
+            assert!(
+                matches!(c.status(), Status::Online | Status::Offline),
+                "{c:?}"
+            );
+            (c.user_id.clone(), c.status() == Status::Online)
+        })
+        .collect();
+    changes.sort();
+    assert!(!changes.is_empty(), "an empty diff was published");
+    assert!(
+        changes.windows(2).all(|w| w[0].0 != w[1].0),
+        "a user twice in one diff: {changes:?}"
+    );
+    Some(changes)
+}
+
+/// Asserts `event` is a `user.status` event of tenant `t1` carrying exactly `expected` (user, online).
+pub fn assert_diff(event: &lamplight::proto::v1::Event, expected: &[(&str, bool)]) {
+    assert_eq!(event.room, "tenant:t1", "{event:?}");
+    let changes = status_changes(event).unwrap_or_else(|| panic!("not a status: {event:?}"));
+    let mut want: Vec<(String, bool)> = expected.iter().map(|(u, o)| (u.to_string(), *o)).collect();
+    want.sort();
+    assert_eq!(changes, want);
+}
+
+/// Applies `user.status` events to an online set, as a client does.
+#[derive(Debug, Default)]
+pub struct OnlineSet {
+    /// Users announced online.
+    pub online: std::collections::BTreeSet<String>,
+    /// Status events applied.
+    pub events: usize,
+    /// Changes applied (all events).
+    pub changes: usize,
+    /// Most changes in one event.
+    pub largest: usize,
+}
+
+impl OnlineSet {
+    /// Applies `event` if it is a status; returns whether it was.
+    pub fn apply(&mut self, event: &lamplight::proto::v1::Event) -> bool {
+        let Some(changes) = status_changes(event) else {
+            return false;
+        };
+        self.events += 1;
+        self.changes += changes.len();
+        self.largest = self.largest.max(changes.len());
+        for (user, online) in changes {
+            if online {
+                self.online.insert(user);
+            } else {
+                self.online.remove(&user);
+            }
+        }
+        true
+    }
+
+    /// Reads `stream` (statuses only; anything else fails) until the online set equals `want`, failing
+    /// after `limit`.
+    pub async fn until(
+        &mut self,
+        stream: &mut Streaming<SubscribeResponse>,
+        want: &std::collections::BTreeSet<String>,
+        limit: Duration,
+    ) {
+        let reached = tokio::time::timeout(limit, async {
+            while &self.online != want {
+                let event = next_event(stream).await;
+                assert!(self.apply(&event), "not a status: {event:?}");
+            }
+        })
+        .await;
+        if reached.is_err() {
+            let missing: Vec<_> = want.difference(&self.online).take(5).collect();
+            let extra: Vec<_> = self.online.difference(want).take(5).collect();
+            panic!(
+                "online set not reached within {limit:?}: {} of {} online, missing e.g. {missing:?}, extra {extra:?}",
+                self.online.len(),
+                want.len()
+            );
+        }
+    }
+}

@@ -617,7 +617,7 @@ class LamplightClient implements Lamplight {
   private onEvent(event: Event): void {
     if (!this.roomSet.has(event.room)) return; // left: the re-open without it is under way
     const payload = event.payload;
-    const ephemeral = payload.case === "typing" || payload.case === "userStatus";
+    const ephemeral = payload.case === "typing" || payload.case === "userStatus" || payload.case === "presenceDiff";
     if (!this.cursorTracker.accept({ room: event.room, id: event.id, ephemeral })) {
       this.counters.duplicatesDropped += 1;
       return;

@@ -72,6 +72,28 @@ impl UserKeys {
     }
 }
 
+/// A tenant's status bookkeeping (see `lua/settle.lua`), in its tenant room's slot.
+#[derive(Clone, Debug)]
+pub(crate) struct TenantKeys {
+    /// Set of the users whose ONLINE was decided and OFFLINE not yet.
+    pub(crate) online: String,
+    /// Set of the users with a decided transition not yet settled.
+    pub(crate) dirty: String,
+    /// Set of the users the tenant room was last told are online.
+    pub(crate) told: String,
+}
+
+impl TenantKeys {
+    /// The keys of the tenant whose room is `tenant_room`.
+    pub(crate) fn new(tenant_room: &str) -> Self {
+        Self {
+            online: format!("{PREFIX}:{{{tenant_room}}}:online"),
+            dirty: format!("{PREFIX}:{{{tenant_room}}}:status-dirty"),
+            told: format!("{PREFIX}:{{{tenant_room}}}:status-told"),
+        }
+    }
+}
+
 /// Sorted set of live nodes, scored by the expiry of their last heartbeat (ms).
 pub(crate) fn nodes() -> String {
     format!("{PREFIX}:nodes")

@@ -57,6 +57,7 @@ use crate::auth::{Revocation, MAX_REVOCATIONS};
 use crate::bus::memory::IDEMPOTENCY_TTL;
 use crate::presence::{Member, PresenceSnapshot};
 use crate::proto::v1::Event;
+use crate::statuses::{diff_event, Settle, StatusSettings, StatusWindow, MAX_CHANGES_PER_EVENT};
 use crate::wire::SharedResponse;
 
 /// Settings of a [`RedisBus`].
@@ -80,6 +81,8 @@ pub struct RedisOptions {
     pub allow_eviction: bool,
     /// Bound on the pub/sub messages queued for the subscriber task, in bytes.
     pub push_queue_bytes: usize,
+    /// Coalesced statuses (see [`crate::statuses`]). Set the same on every node.
+    pub statuses: StatusSettings,
 }
 
 /// [`Bus`] over Redis. See the module docs.
@@ -89,6 +92,8 @@ pub struct RedisBus {
     timeout: Duration,
     table: Arc<RoomTable>,
     presence: Arc<Presence>,
+    statuses: Arc<StatusWindow>,
+    settler: Arc<Settler>,
     healthy: watch::Receiver<bool>,
     node: Arc<str>,
     /// Stops the background tasks when the bus is dropped.
@@ -158,11 +163,23 @@ impl RedisBus {
             .run(),
         );
 
+        let statuses = StatusWindow::new(options.statuses);
+        let settler = Arc::new(Settler {
+            conn: cmd.clone(),
+            settings,
+            timeout,
+            told_ttl_ms: options.presence_ttl.as_millis() as u64,
+        });
+        tokio::spawn(
+            statuses
+                .clone()
+                .run(Arc::downgrade(&settler), cancel.clone()),
+        );
         let presence = Arc::new(Presence::new(
             node.clone(),
             options.presence_ttl,
             timeout,
-            settings,
+            statuses.clone(),
         ));
         tokio::spawn(presence.clone().run(cmd.clone(), cancel.clone()));
         tracing::info!(
@@ -177,6 +194,8 @@ impl RedisBus {
             timeout,
             table,
             presence,
+            statuses,
+            settler,
             healthy,
             node,
             _stop: cancel.drop_guard(),
@@ -196,6 +215,46 @@ impl RedisBus {
     /// Connections of this node counted in presence (for tests and metrics).
     pub fn local_connections(&self) -> usize {
         self.presence.local_count()
+    }
+}
+
+/// Settles a tenant's statuses with `lua/settle.lua`.
+struct Settler {
+    conn: Conn,
+    settings: RoomSettings,
+    timeout: Duration,
+    /// The presence TTL: the told set lives a few of them after the last change.
+    told_ttl_ms: u64,
+}
+
+#[async_trait]
+impl Settle for Settler {
+    async fn settle(&self, tenant: &str) -> Result<(), BusError> {
+        let mut head = diff_event(tenant, &[]);
+        head.payload = None;
+        let head = head.encode_to_vec();
+        loop {
+            let mut conn = self.conn.clone();
+            let settled = bounded(
+                self.timeout,
+                "publish statuses",
+                scripts::settle(
+                    &mut conn,
+                    tenant,
+                    &head,
+                    MAX_CHANGES_PER_EVENT,
+                    self.told_ttl_ms,
+                    self.settings,
+                ),
+            )
+            .await?;
+            if settled.published > 0 {
+                crate::statuses::count_published(settled.published);
+            }
+            if settled.remaining == 0 || settled.taken == 0 {
+                return Ok(());
+            }
+        }
     }
 }
 
@@ -331,8 +390,10 @@ impl Bus for RedisBus {
     }
 
     async fn shutdown(&self) -> Result<(), BusError> {
-        let removed = self.presence.shutdown(&self.cmd).await?;
-        tracing::info!(node = %self.node, connections = removed, "left presence");
+        let removed = self.presence.shutdown(&self.cmd).await;
+        // The OFFLINEs this node decided are published now, not a window later.
+        let _ = self.statuses.flush(&*self.settler).await;
+        tracing::info!(node = %self.node, connections = removed?, "left presence");
         Ok(())
     }
 

@@ -4,8 +4,9 @@
 //! restarts of the node). It is recorded
 //! - in each room's sorted set (`{node}/{id}/{user}`), scored by its expiry, which `GetPresence` reads;
 //! - in the user's sorted set in the tenant room's slot, whose count decides ONLINE/OFFLINE: the connect
-//!   and disconnect scripts change it and publish the status atomically, so a status is published once
-//!   per transition, whichever nodes the user's streams are on;
+//!   and disconnect scripts change it and decide the transition atomically, once per transition whichever
+//!   nodes the user's streams are on, and mark the user dirty in the tenant; this node then settles the
+//!   tenant's statuses into one `user.status` event a window later ([`crate::statuses`]);
 //! - in the node's hash of connections, read by whoever reaps the node after it died.
 //!
 //! A connection is tracked locally before anything is written, so a disconnect always undoes a connect,
@@ -17,7 +18,7 @@
 //! - **Graceful shutdown**: [`Presence::shutdown`] removes them all (OFFLINE for users with no other
 //!   connection) and takes the node out of the registry, within the shutdown grace period.
 //! - **Crash** (SIGKILL, lost host): the first live node that sees the registry entry expired reaps it:
-//!   removes its connections and publishes OFFLINE, at most `2 * ttl / 3` after the node's last refresh
+//!   removes its connections and decides OFFLINE (published by its next settle), at most `2 * ttl / 3` after the node's last refresh
 //!   (a node whose own previous refresh is not recent, e.g. after a Redis outage, reaps nobody yet);
 //!   without any live node, the room entries still drop out of `GetPresence` `ttl` after the last
 //!   heartbeat.
@@ -34,16 +35,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
 use futures::{FutureExt as _, StreamExt as _};
-use prost::Message as _;
 use redis::AsyncCommands as _;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{bounded, Conn};
 use super::keys::{self, RoomKeys};
-use super::scripts::{self, RoomSettings};
+use super::scripts;
 use crate::bus::BusError;
-use crate::presence::{status_event, Member, PresenceSnapshot};
+use crate::presence::{Member, PresenceSnapshot};
+use crate::statuses::StatusWindow;
 
 /// Redis calls the heartbeat runs at once.
 const CONCURRENCY: usize = 64;
@@ -77,8 +78,6 @@ struct StoredConnection {
 struct LocalConnection {
     member: Member,
     rooms: Vec<String>,
-    /// The encoded ONLINE event (the heartbeat re-announces a user Redis forgot).
-    online: Arc<[u8]>,
 }
 
 /// This node's share of the presence state.
@@ -86,7 +85,8 @@ pub(crate) struct Presence {
     node: Arc<str>,
     ttl: Duration,
     timeout: Duration,
-    settings: RoomSettings,
+    /// Where decided transitions are marked for the tenant's next status event.
+    statuses: Arc<StatusWindow>,
     local: Mutex<HashMap<String, LocalConnection>>,
     pending_removals: Mutex<Vec<LocalConnection>>,
     /// Held by a heartbeat while it writes, and by [`Presence::shutdown`], which sets it: no heartbeat
@@ -98,23 +98,19 @@ pub(crate) struct Presence {
     last_refresh: Mutex<Option<std::time::Instant>>,
 }
 
-fn encoded_status(member: &Member, online: bool) -> Vec<u8> {
-    status_event(member, online).encode_to_vec()
-}
-
 impl Presence {
     /// Presence of node `node`, whose entries expire `ttl` after the last heartbeat.
     pub(crate) fn new(
         node: Arc<str>,
         ttl: Duration,
         timeout: Duration,
-        settings: RoomSettings,
+        statuses: Arc<StatusWindow>,
     ) -> Self {
         Self {
             node,
             ttl,
             timeout,
-            settings,
+            statuses,
             local: Mutex::new(HashMap::new()),
             pending_removals: Mutex::new(Vec::new()),
             closed: tokio::sync::RwLock::new(false),
@@ -150,7 +146,6 @@ impl Presence {
         let local = LocalConnection {
             member: member.clone(),
             rooms: rooms.to_vec(),
-            online: encoded_status(member, true).into(),
         };
         lock(&self.local).insert(member.connection_id.clone(), local.clone());
         bounded(
@@ -215,17 +210,20 @@ impl Presence {
         let mut c = conn.clone();
         steps.push(
             async move {
-                scripts::connect(
+                // A heartbeat finds the user not online when Redis forgot them: ONLINE again.
+                let decided = scripts::connect(
                     &mut c,
                     &self.node,
                     &local.member,
-                    &local.online,
                     now,
                     self.ttl_ms(),
-                    self.settings,
+                    self.statuses.enabled(),
                 )
-                .await
-                .map(|_| ())
+                .await?;
+                if decided {
+                    self.statuses.mark(&local.member.tenant);
+                }
+                Ok(())
             }
             .boxed(),
         );
@@ -244,7 +242,7 @@ impl Presence {
         let result = bounded(
             self.timeout,
             "presence disconnect",
-            remove(conn, &self.node, &local.member, &local.rooms, self.settings),
+            self.remove(conn, &self.node, &local.member, &local.rooms),
         )
         .await;
         if result.is_err() {
@@ -419,7 +417,7 @@ impl Presence {
                     // The stream ended while it was being refreshed: its removal may have run before
                     // this refresh and been undone by it. Remove it again (removal is idempotent).
                     if !lock(&self.local).contains_key(&l.member.connection_id) {
-                        remove(conn, &self.node, &l.member, &l.rooms, self.settings).await?;
+                        self.remove(conn, &self.node, &l.member, &l.rooms).await?;
                     }
                     Ok(())
                 }
@@ -454,7 +452,7 @@ impl Presence {
         if unknown.is_empty() {
             return Ok(());
         }
-        let removed = remove_stored(conn, &self.node, unknown, self.settings).await?;
+        let removed = self.remove_stored(conn, &self.node, unknown).await?;
         tracing::info!(node = %self.node, connections = removed, "removed the connections of an earlier run of this node");
         Ok(())
     }
@@ -471,7 +469,7 @@ impl Presence {
         let count = gone.len();
         let removals: Vec<BoxFuture<'_, Result<(), redis::RedisError>>> = gone
             .iter()
-            .map(|l| remove(conn, &self.node, &l.member, &l.rooms, self.settings).boxed())
+            .map(|l| self.remove(conn, &self.node, &l.member, &l.rooms).boxed())
             .collect();
         let results: Vec<_> = futures::stream::iter(removals)
             .buffer_unordered(CONCURRENCY)
@@ -504,7 +502,8 @@ impl Presence {
     async fn remove_the_rest(&self, conn: &Conn) -> Result<usize, redis::RedisError> {
         let mut c = conn.clone();
         let rest: HashMap<String, String> = c.hgetall(keys::node_connections(&self.node)).await?;
-        remove_stored(conn, &self.node, rest.into_iter().collect(), self.settings).await
+        self.remove_stored(conn, &self.node, rest.into_iter().collect())
+            .await
     }
 
     async fn retry_removals(&self, conn: &Conn) {
@@ -517,7 +516,7 @@ impl Presence {
             .into_iter()
             .map(|l| {
                 async move {
-                    match remove(conn, node, &l.member, &l.rooms, self.settings).await {
+                    match self.remove(conn, node, &l.member, &l.rooms).await {
                         Ok(()) => None,
                         Err(_) => Some(l),
                     }
@@ -551,13 +550,9 @@ impl Presence {
             let reaped = async {
                 let hash = keys::node_connections(&node);
                 let connections: HashMap<String, String> = c.clone().hgetall(&hash).await?;
-                let offline = remove_stored(
-                    conn,
-                    &node,
-                    connections.into_iter().collect(),
-                    self.settings,
-                )
-                .await?;
+                let offline = self
+                    .remove_stored(conn, &node, connections.into_iter().collect())
+                    .await?;
                 let _: () = c.clone().del(&hash).await?;
                 Ok::<_, redis::RedisError>(offline)
             }
@@ -579,53 +574,55 @@ impl Presence {
     pub(crate) fn local_count(&self) -> usize {
         lock(&self.local).len()
     }
-}
 
-/// Removes connections of `node` as stored in its hash (`id -> JSON`), concurrently. Returns how many.
-async fn remove_stored(
-    conn: &Conn,
-    node: &str,
-    stored: Vec<(String, String)>,
-    settings: RoomSettings,
-) -> Result<usize, redis::RedisError> {
-    let removals: Vec<BoxFuture<'_, Result<(), redis::RedisError>>> = stored
-        .into_iter()
-        .filter_map(|(id, json)| {
-            let stored = serde_json::from_str::<StoredConnection>(&json).ok()?;
-            let member = Member {
-                user_id: stored.user,
-                tenant: stored.tenant,
-                connection_id: id,
-            };
-            Some(async move { remove(conn, node, &member, &stored.rooms, settings).await }.boxed())
-        })
-        .collect();
-    let count = removals.len();
-    let results: Vec<_> = futures::stream::iter(removals)
-        .buffer_unordered(CONCURRENCY)
-        .collect()
-        .await;
-    results.into_iter().collect::<Result<Vec<()>, _>>()?;
-    Ok(count)
-}
-
-/// Removes one connection of `node` from its rooms, the user's set (OFFLINE if last) and the node hash.
-async fn remove(
-    conn: &Conn,
-    node: &str,
-    member: &Member,
-    rooms: &[String],
-    settings: RoomSettings,
-) -> Result<(), redis::RedisError> {
-    let room_member = format!("{node}/{}/{}", member.connection_id, member.user_id);
-    let mut c = conn.clone();
-    for room in rooms {
-        let _: () = c.zrem(RoomKeys::new(room).presence, &room_member).await?;
+    /// Removes connections of `node` as stored in its hash (`id -> JSON`), concurrently. Returns how many.
+    async fn remove_stored(
+        &self,
+        conn: &Conn,
+        node: &str,
+        stored: Vec<(String, String)>,
+    ) -> Result<usize, redis::RedisError> {
+        let removals: Vec<BoxFuture<'_, Result<(), redis::RedisError>>> = stored
+            .into_iter()
+            .filter_map(|(id, json)| {
+                let stored = serde_json::from_str::<StoredConnection>(&json).ok()?;
+                let member = Member {
+                    user_id: stored.user,
+                    tenant: stored.tenant,
+                    connection_id: id,
+                };
+                Some(async move { self.remove(conn, node, &member, &stored.rooms).await }.boxed())
+            })
+            .collect();
+        let count = removals.len();
+        let results: Vec<_> = futures::stream::iter(removals)
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
+        results.into_iter().collect::<Result<Vec<()>, _>>()?;
+        Ok(count)
     }
-    let offline = encoded_status(member, false);
-    scripts::disconnect(&mut c, node, member, &offline, now_ms(), settings).await?;
-    let _: () = c
-        .hdel(keys::node_connections(node), &member.connection_id)
-        .await?;
-    Ok(())
+
+    /// Removes one connection of `node` from its rooms, the user's set (OFFLINE if last) and the node hash.
+    async fn remove(
+        &self,
+        conn: &Conn,
+        node: &str,
+        member: &Member,
+        rooms: &[String],
+    ) -> Result<(), redis::RedisError> {
+        let room_member = format!("{node}/{}/{}", member.connection_id, member.user_id);
+        let mut c = conn.clone();
+        for room in rooms {
+            let _: () = c.zrem(RoomKeys::new(room).presence, &room_member).await?;
+        }
+        let enabled = self.statuses.enabled();
+        if scripts::disconnect(&mut c, node, member, now_ms(), self.ttl_ms(), enabled).await? {
+            self.statuses.mark(&member.tenant);
+        }
+        let _: () = c
+            .hdel(keys::node_connections(node), &member.connection_id)
+            .await?;
+        Ok(())
+    }
 }

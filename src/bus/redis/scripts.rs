@@ -2,7 +2,7 @@
 //!
 //! Every step that must be atomic is one script: publish (id + store + trim + expire + publish +
 //! idempotency key), read (epoch + last id + trim point + entries), and the user's connection count with
-//! its ONLINE/OFFLINE status. Scripts run by `EVALSHA` (loaded on first use, and again after a Redis
+//! its ONLINE/OFFLINE transition, and settling a tenant's statuses into one event. Scripts run by `EVALSHA` (loaded on first use, and again after a Redis
 //! restart flushed the script cache). Each touches one room's keys only (one hash slot).
 
 use std::sync::LazyLock;
@@ -11,7 +11,7 @@ use redis::Script;
 
 use super::conn::Conn;
 use super::ids::{random_token, StreamId};
-use super::keys::{RoomKeys, UserKeys};
+use super::keys::{RoomKeys, TenantKeys, UserKeys};
 use crate::presence::Member;
 use crate::rooms::Room;
 
@@ -30,6 +30,7 @@ static PUBLISH: LazyLock<Script> = script!("publish.lua");
 static READ: LazyLock<Script> = script!("read.lua");
 static CONNECT: LazyLock<Script> = script!("connect.lua");
 static DISCONNECT: LazyLock<Script> = script!("disconnect.lua");
+static SETTLE: LazyLock<Script> = script!("settle.lua");
 
 /// A user's online flag (and connection set) expires this many presence TTLs after the last heartbeat.
 const FLAG_TTL_FACTOR: u64 = 4;
@@ -178,69 +179,110 @@ pub(crate) fn connection_member(node: &str, member: &Member) -> String {
     format!("{node}/{}", member.connection_id)
 }
 
-/// Counts (or refreshes) a connection of `member`; publishes `online` (an encoded ONLINE event) to the
-/// tenant room when the user was not online. Returns true if it did.
+/// Counts (or refreshes) a connection of `member`. Returns true if the user was not online (a decided
+/// ONLINE; with `statuses`, the user is now dirty in the tenant, for [`settle`]).
 pub(crate) async fn connect(
     conn: &mut Conn,
     node: &str,
     member: &Member,
-    online: &[u8],
     now_ms: u64,
     ttl_ms: u64,
-    settings: RoomSettings,
+    statuses: bool,
 ) -> Result<bool, redis::RedisError> {
     let tenant_room = Room::tenant_room(&member.tenant);
     let user = UserKeys::new(&tenant_room, &member.user_id);
-    let room = RoomKeys::new(&tenant_room);
-    let published: i64 = CONNECT
+    let tenant = TenantKeys::new(&tenant_room);
+    let decided: i64 = CONNECT
         .key(&user.connections)
         .key(&user.online)
-        .key(&room.stream)
-        .key(&room.meta)
+        .key(&tenant.online)
+        .key(&tenant.dirty)
+        .key(&tenant.told)
         .arg(connection_member(node, member))
         .arg(now_ms + ttl_ms)
         .arg(now_ms)
         // The flag must outlive the members until a dead node is reaped (up to ttl + ttl/3 after its
         // last heartbeat), or the reaper would find the user already "offline" and stay silent.
         .arg(ttl_ms * FLAG_TTL_FACTOR)
-        .arg(online)
-        .arg(settings.history_size)
-        .arg(settings.ttl_ms)
-        .arg(random_token(EPOCH_LEN))
-        .arg(&room.channel)
-        .arg(if settings.sharded { "1" } else { "0" })
+        .arg(&member.user_id)
+        .arg(if statuses { "1" } else { "0" })
         .invoke_async(conn)
         .await?;
-    Ok(published == 1)
+    Ok(decided == 1)
 }
 
-/// Removes a connection of `member`; publishes `offline` to the tenant room when it was the user's last
-/// live one. Returns true if it did.
+/// Removes a connection of `member`. Returns true if it was the user's last live one (a decided OFFLINE;
+/// with `statuses`, the user is now dirty in the tenant, for [`settle`]).
 pub(crate) async fn disconnect(
     conn: &mut Conn,
     node: &str,
     member: &Member,
-    offline: &[u8],
     now_ms: u64,
-    settings: RoomSettings,
+    ttl_ms: u64,
+    statuses: bool,
 ) -> Result<bool, redis::RedisError> {
     let tenant_room = Room::tenant_room(&member.tenant);
     let user = UserKeys::new(&tenant_room, &member.user_id);
-    let room = RoomKeys::new(&tenant_room);
-    let published: i64 = DISCONNECT
+    let tenant = TenantKeys::new(&tenant_room);
+    let decided: i64 = DISCONNECT
         .key(&user.connections)
         .key(&user.online)
-        .key(&room.stream)
-        .key(&room.meta)
+        .key(&tenant.online)
+        .key(&tenant.dirty)
+        .key(&tenant.told)
         .arg(connection_member(node, member))
         .arg(now_ms)
-        .arg(offline)
+        .arg(&member.user_id)
+        .arg(if statuses { "1" } else { "0" })
+        .arg(ttl_ms * FLAG_TTL_FACTOR)
+        .invoke_async(conn)
+        .await?;
+    Ok(decided == 1)
+}
+
+/// What one [`settle`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Settled {
+    /// Dirty users taken.
+    pub(crate) taken: usize,
+    /// Changes published (in one event, or none when 0).
+    pub(crate) published: usize,
+    /// Users still dirty in the tenant: settle again.
+    pub(crate) remaining: usize,
+}
+
+/// Takes up to `max` dirty users of the tenant and publishes, as one `PresenceDiff` event built on `head`
+/// (the encoded event without id and payload), those whose state differs from what its room was told.
+pub(crate) async fn settle(
+    conn: &mut Conn,
+    tenant: &str,
+    head: &[u8],
+    max: usize,
+    told_ttl_ms: u64,
+    settings: RoomSettings,
+) -> Result<Settled, redis::RedisError> {
+    let tenant_room = Room::tenant_room(tenant);
+    let keys = TenantKeys::new(&tenant_room);
+    let room = RoomKeys::new(&tenant_room);
+    let (taken, published, remaining): (usize, usize, usize) = SETTLE
+        .key(&keys.dirty)
+        .key(&keys.online)
+        .key(&keys.told)
+        .key(&room.stream)
+        .key(&room.meta)
+        .arg(head)
+        .arg(max.max(1))
         .arg(settings.history_size)
         .arg(settings.ttl_ms)
         .arg(random_token(EPOCH_LEN))
         .arg(&room.channel)
         .arg(if settings.sharded { "1" } else { "0" })
+        .arg(told_ttl_ms * FLAG_TTL_FACTOR)
         .invoke_async(conn)
         .await?;
-    Ok(published == 1)
+    Ok(Settled {
+        taken,
+        published,
+        remaining,
+    })
 }

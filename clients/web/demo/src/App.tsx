@@ -369,6 +369,8 @@ function summarize(e: Event): string {
       return `${p.value.authorId}: ${p.value.body}`;
     case "userStatus":
       return p.value.userId;
+    case "presenceDiff":
+      return p.value.changes.map((c) => c.userId).join(", ");
     case "typing":
       return `${p.value.userId} ${p.value.isTyping ? "started" : "stopped"} typing`;
     case "notification":

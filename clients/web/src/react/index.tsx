@@ -24,7 +24,6 @@ import {
 import { createLamplight, type Lamplight, type LamplightOptions, type Presence, type ResetNotice } from "../client.js";
 import { DisconnectedError, JoinCancelledError } from "../errors.js";
 import {
-  UserStatus_Status,
   type Bug,
   type Event,
   type Feature,
@@ -33,6 +32,7 @@ import {
   type Task,
 } from "../gen/lamplight/v1/events_pb.js";
 import { channelRoom, parseRoom, projectRoom, tenantRoom, userRoom } from "../rooms.js";
+import { applyStatusChanges, statusChanges } from "../statuses.js";
 import type { ConnectionState } from "../state.js";
 import type { Identity } from "../token.js";
 
@@ -402,8 +402,11 @@ export interface PresenceState extends Presence {
 
 /**
  * Who is connected to `room` (e.g. `tenant:{tid}` for everyone online). Fetched when mounted, whenever
- * the connection is (re-)established, every `refreshMs`, and when a user goes online or offline in the
- * tenant; a tenant room's list is updated from those statuses at once.
+ * the connection is (re-)established and every `refreshMs`. In between, the tenant's status diffs
+ * (`user.status` events, received when the client is subscribed to `tenant:{tid}`) are applied as they
+ * come: to a tenant room's list in full; to another room of the tenant, a user who went offline leaves
+ * its list at once, and one who came online makes it refetch (once per `refreshMs / 10` at most, since
+ * only the server knows which rooms they joined).
  */
 export function usePresence(room: string | undefined, options: { refreshMs?: number } = {}): PresenceState {
   const client = useLamplightClient();
@@ -444,28 +447,30 @@ export function usePresence(room: string | undefined, options: { refreshMs?: num
     const parsed = parseRoom(room);
     const tenant = parsed && parsed.kind !== "user" ? parsed.tenantId : undefined;
     if (!tenant) return;
+    const whole = room === tenantRoom(tenant);
     let pending: ReturnType<typeof setTimeout> | undefined;
     const off = client.on("event", (event) => {
-      if (event.room !== tenantRoom(tenant) || event.payload.case !== "userStatus") return;
-      const { userId, status } = event.payload.value;
-      if (room === tenantRoom(tenant)) {
-        setPresence((p) => {
-          const ids = new Set(p.userIds);
-          if (status === UserStatus_Status.ONLINE) ids.add(userId);
-          else if (status === UserStatus_Status.OFFLINE) ids.delete(userId);
-          const userIds = [...ids].sort();
-          return { ...p, userIds, userCount: userIds.length };
-        });
+      if (event.room !== tenantRoom(tenant)) return;
+      const changes = statusChanges(event);
+      if (changes.length === 0) return;
+      // A tenant room's members are its online users; another room loses whoever went offline.
+      const applied = whole ? changes : changes.filter((c) => !c.online);
+      setPresence((p) => {
+        const userIds = applyStatusChanges(p.userIds, applied);
+        return userIds === p.userIds ? p : { ...p, userIds: [...userIds], userCount: userIds.length };
+      });
+      if (!whole && !pending && changes.some((c) => c.online)) {
+        pending = setTimeout(() => {
+          pending = undefined;
+          refresh();
+        }, refreshMs / 10);
       }
-      // Confirm with the server shortly after (statuses can arrive in bursts).
-      if (pending) clearTimeout(pending);
-      pending = setTimeout(refresh, 300);
     });
     return () => {
       off();
       if (pending) clearTimeout(pending);
     };
-  }, [client, room, refresh]);
+  }, [client, room, refresh, refreshMs]);
 
   return { ...presence, loading, error, refresh };
 }

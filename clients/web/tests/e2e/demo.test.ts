@@ -24,12 +24,18 @@ describe("demo page", () => {
   let pub: Publisher;
   const contexts: BrowserContext[] = [];
   const pageErrors: string[] = [];
+  /** When each page asked GetPresence (ms since the epoch), by user. */
+  const presenceCalls = new Map<string, number[]>();
 
   const open = async (user: string): Promise<Page> => {
     const context = await chromium.browser.newContext({ viewport: { width: 1400, height: 960 } });
     contexts.push(context);
     const page = await context.newPage();
     page.on("pageerror", (err) => pageErrors.push(`${user}: ${err.message}`));
+    presenceCalls.set(user, []);
+    page.on("request", (r) => {
+      if (r.url().endsWith("/lamplight.v1.EventService/GetPresence")) presenceCalls.get(user)!.push(Date.now());
+    });
     const q = new URLSearchParams({ user, server: server.url, heartbeat: "2", backoffMax: "2000" });
     await page.goto(`${demo.url}/?${q}`);
     await page.locator('[data-testid="connection-state"][data-state="connected"]').waitFor({ timeout: UI_WAIT });
@@ -92,6 +98,18 @@ describe("demo page", () => {
     await alice.locator('[data-testid="typing"]', { hasText: "bob is typing…" }).waitFor({ timeout: UI_WAIT });
     mkdirSync(ARTIFACTS_DIR, { recursive: true });
     await alice.screenshot({ path: path.join(ARTIFACTS_DIR, "board.png"), fullPage: true });
+  });
+
+  it("applies status diffs to who is online without refetching presence on each", async () => {
+    const carol = await open("carol");
+    await alice.locator('[data-testid="online"] li[data-user="carol"]').waitFor({ timeout: UI_WAIT });
+    await carol.context().close();
+    await alice.locator('[data-testid="online"] li[data-user="carol"]').waitFor({ state: "detached", timeout: UI_WAIT });
+    // alice's list followed carol in and out from the `user.status` events alone: her page asked
+    // GetPresence only when it mounted and then on its periodic refresh (every 15 s), never in between.
+    const calls = presenceCalls.get("alice")!;
+    expect(calls.length).toBeGreaterThan(0);
+    for (let i = 1; i < calls.length; i++) expect(calls[i]! - calls[i - 1]!, `GetPresence calls ${calls.join(", ")}`).toBeGreaterThan(14_000);
   });
 
   it("shows a refused room as an error while the other rooms keep working", async () => {

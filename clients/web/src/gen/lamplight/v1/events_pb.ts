@@ -16,7 +16,7 @@ import type { Message as Message$1 } from "@bufbuild/protobuf";
  * Describes the file lamplight/v1/events.proto.
  */
 export const file_lamplight_v1_events: GenFile = /*@__PURE__*/
-  fileDesc("ChlsYW1wbGlnaHQvdjEvZXZlbnRzLnByb3RvEgxsYW1wbGlnaHQudjEiLQoHVXNlclJlZhIRCgl0ZW5hbnRfaWQYASABKAkSDwoHdXNlcl9pZBgCIAEoCSJXChJVbnN1YnNjcmliZVJlcXVlc3QSIwoEdXNlchgBIAEoCzIVLmxhbXBsaWdodC52MS5Vc2VyUmVmEgwKBHJvb20YAiABKAkSDgoGcmVhc29uGAMgASgJIhUKE1Vuc3Vic2NyaWJlUmVzcG9uc2UiSAoRRGlzY29ubmVjdFJlcXVlc3QSIwoEdXNlchgBIAEoCzIVLmxhbXBsaWdodC52MS5Vc2VyUmVmEg4KBnJlYXNvbhgCIAEoCSIUChJEaXNjb25uZWN0UmVzcG9uc2UifQoTUmV2b2tlVG9rZW5zUmVxdWVzdBIjCgR1c2VyGAEgASgLMhUubGFtcGxpZ2h0LnYxLlVzZXJSZWYSMQoNaXNzdWVkX2JlZm9yZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGcmVhc29uGAMgASgJIhYKFFJldm9rZVRva2Vuc1Jlc3BvbnNlIokBChBTdWJzY3JpYmVSZXF1ZXN0Eg0KBXJvb21zGAEgAygJEjgKBXNpbmNlGAIgAygLMikubGFtcGxpZ2h0LnYxLlN1YnNjcmliZVJlcXVlc3QuU2luY2VFbnRyeRosCgpTaW5jZUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEi7wEKEVN1YnNjcmliZVJlc3BvbnNlEi4KCnN1YnNjcmliZWQYASABKAsyGC5sYW1wbGlnaHQudjEuU3Vic2NyaWJlZEgAEiQKBWV2ZW50GAIgASgLMhMubGFtcGxpZ2h0LnYxLkV2ZW50SAASLAoJaGVhcnRiZWF0GAMgASgLMhcubGFtcGxpZ2h0LnYxLkhlYXJ0YmVhdEgAEiQKBXJlc2V0GAQgASgLMhMubGFtcGxpZ2h0LnYxLlJlc2V0SAASKAoHcmVtb3ZlZBgFIAEoCzIVLmxhbXBsaWdodC52MS5SZW1vdmVkSABCBgoEa2luZCI3CgpTdWJzY3JpYmVkEikKBXJvb21zGAEgAygLMhoubGFtcGxpZ2h0LnYxLlJvb21Qb3NpdGlvbiJGCgxSb29tUG9zaXRpb24SDAoEcm9vbRgBIAEoCRIVCg1sYXN0X2V2ZW50X2lkGAIgASgJEhEKCXJlY292ZXJlZBgDIAEoCCI1CglIZWFydGJlYXQSKAoEdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiJQoFUmVzZXQSDAoEcm9vbRgBIAEoCRIOCgZyZWFzb24YAiABKAkiJwoHUmVtb3ZlZBIMCgRyb29tGAEgASgJEg4KBnJlYXNvbhgCIAEoCSLJAwoFRXZlbnQSCgoCaWQYASABKAkSDAoEcm9vbRgCIAEoCRIMCgR0eXBlGAMgASgJEigKBHRpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhQKDHB1Ymxpc2hlcl9pZBgFIAEoCRIiCgR0YXNrGAogASgLMhIubGFtcGxpZ2h0LnYxLlRhc2tIABIgCgNidWcYCyABKAsyES5sYW1wbGlnaHQudjEuQnVnSAASKAoHZmVhdHVyZRgMIAEoCzIVLmxhbXBsaWdodC52MS5GZWF0dXJlSAASKAoHbWVzc2FnZRgNIAEoCzIVLmxhbXBsaWdodC52MS5NZXNzYWdlSAASMgoMbm90aWZpY2F0aW9uGA4gASgLMhoubGFtcGxpZ2h0LnYxLk5vdGlmaWNhdGlvbkgAEiYKBnR5cGluZxgPIAEoCzIULmxhbXBsaWdodC52MS5UeXBpbmdIABIvCgt1c2VyX3N0YXR1cxgQIAEoCzIYLmxhbXBsaWdodC52MS5Vc2VyU3RhdHVzSAASJgoGY3VzdG9tGBQgASgLMhQubGFtcGxpZ2h0LnYxLkN1c3RvbUgAQgkKB3BheWxvYWQigQEKBFRhc2sSCgoCaWQYASABKAkSEgoKcHJvamVjdF9pZBgCIAEoCRIRCgl0ZW5hbnRfaWQYAyABKAkSDQoFdGl0bGUYBCABKAkSDgoGc3RhdHVzGAUgASgJEhAKCHByaW9yaXR5GAYgASgJEhUKDWNyZWF0ZWRfYnlfaWQYByABKAkigQEKA0J1ZxIKCgJpZBgBIAEoCRISCgpwcm9qZWN0X2lkGAIgASgJEhEKCXRlbmFudF9pZBgDIAEoCRINCgV0aXRsZRgEIAEoCRIOCgZzdGF0dXMYBSABKAkSEAoIc2V2ZXJpdHkYBiABKAkSFgoOcmVwb3J0ZWRfYnlfaWQYByABKAkiWwoHRmVhdHVyZRIKCgJpZBgBIAEoCRISCgpwcm9qZWN0X2lkGAIgASgJEhEKCXRlbmFudF9pZBgDIAEoCRINCgV0aXRsZRgEIAEoCRIOCgZzdGF0dXMYBSABKAkiXQoHTWVzc2FnZRIKCgJpZBgBIAEoCRISCgpjaGFubmVsX2lkGAIgASgJEhEKCXRlbmFudF9pZBgDIAEoCRIRCglhdXRob3JfaWQYBCABKAkSDAoEYm9keRgFIAEoCSJWCgxOb3RpZmljYXRpb24SCgoCaWQYASABKAkSDwoHdXNlcl9pZBgCIAEoCRINCgV0aXRsZRgDIAEoCRIMCgRib2R5GAQgASgJEgwKBGxpbmsYBSABKAkiQAoGVHlwaW5nEhIKCmNoYW5uZWxfaWQYASABKAkSDwoHdXNlcl9pZBgCIAEoCRIRCglpc190eXBpbmcYAyABKAgiiQEKClVzZXJTdGF0dXMSDwoHdXNlcl9pZBgBIAEoCRIvCgZzdGF0dXMYAiABKA4yHy5sYW1wbGlnaHQudjEuVXNlclN0YXR1cy5TdGF0dXMiOQoGU3RhdHVzEhYKElNUQVRVU19VTlNQRUNJRklFRBAAEgoKBk9OTElORRABEgsKB09GRkxJTkUQAiIsCgZDdXN0b20SFAoMY29udGVudF90eXBlGAEgASgJEgwKBGRhdGEYAiABKAwiTQoOUHVibGlzaFJlcXVlc3QSIgoFZXZlbnQYASABKAsyEy5sYW1wbGlnaHQudjEuRXZlbnQSFwoPaWRlbXBvdGVuY3lfa2V5GAIgASgJIh0KD1B1Ymxpc2hSZXNwb25zZRIKCgJpZBgBIAEoCSI7ChBTZXRUeXBpbmdSZXF1ZXN0EhQKDGNoYW5uZWxfcm9vbRgBIAEoCRIRCglpc190eXBpbmcYAiABKAgiEwoRU2V0VHlwaW5nUmVzcG9uc2UiIgoSR2V0UHJlc2VuY2VSZXF1ZXN0EgwKBHJvb20YASABKAkiVQoTR2V0UHJlc2VuY2VSZXNwb25zZRISCgp1c2VyX2NvdW50GAEgASgNEhgKEGNvbm5lY3Rpb25fY291bnQYAiABKA0SEAoIdXNlcl9pZHMYAyADKAkyyAIKDEV2ZW50U2VydmljZRJOCglTdWJzY3JpYmUSHi5sYW1wbGlnaHQudjEuU3Vic2NyaWJlUmVxdWVzdBofLmxhbXBsaWdodC52MS5TdWJzY3JpYmVSZXNwb25zZTABEkYKB1B1Ymxpc2gSHC5sYW1wbGlnaHQudjEuUHVibGlzaFJlcXVlc3QaHS5sYW1wbGlnaHQudjEuUHVibGlzaFJlc3BvbnNlEkwKCVNldFR5cGluZxIeLmxhbXBsaWdodC52MS5TZXRUeXBpbmdSZXF1ZXN0Gh8ubGFtcGxpZ2h0LnYxLlNldFR5cGluZ1Jlc3BvbnNlElIKC0dldFByZXNlbmNlEiAubGFtcGxpZ2h0LnYxLkdldFByZXNlbmNlUmVxdWVzdBohLmxhbXBsaWdodC52MS5HZXRQcmVzZW5jZVJlc3BvbnNlMooCCgxBZG1pblNlcnZpY2USUgoLVW5zdWJzY3JpYmUSIC5sYW1wbGlnaHQudjEuVW5zdWJzY3JpYmVSZXF1ZXN0GiEubGFtcGxpZ2h0LnYxLlVuc3Vic2NyaWJlUmVzcG9uc2USTwoKRGlzY29ubmVjdBIfLmxhbXBsaWdodC52MS5EaXNjb25uZWN0UmVxdWVzdBogLmxhbXBsaWdodC52MS5EaXNjb25uZWN0UmVzcG9uc2USVQoMUmV2b2tlVG9rZW5zEiEubGFtcGxpZ2h0LnYxLlJldm9rZVRva2Vuc1JlcXVlc3QaIi5sYW1wbGlnaHQudjEuUmV2b2tlVG9rZW5zUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp]);
+  fileDesc("ChlsYW1wbGlnaHQvdjEvZXZlbnRzLnByb3RvEgxsYW1wbGlnaHQudjEiLQoHVXNlclJlZhIRCgl0ZW5hbnRfaWQYASABKAkSDwoHdXNlcl9pZBgCIAEoCSJXChJVbnN1YnNjcmliZVJlcXVlc3QSIwoEdXNlchgBIAEoCzIVLmxhbXBsaWdodC52MS5Vc2VyUmVmEgwKBHJvb20YAiABKAkSDgoGcmVhc29uGAMgASgJIhUKE1Vuc3Vic2NyaWJlUmVzcG9uc2UiSAoRRGlzY29ubmVjdFJlcXVlc3QSIwoEdXNlchgBIAEoCzIVLmxhbXBsaWdodC52MS5Vc2VyUmVmEg4KBnJlYXNvbhgCIAEoCSIUChJEaXNjb25uZWN0UmVzcG9uc2UifQoTUmV2b2tlVG9rZW5zUmVxdWVzdBIjCgR1c2VyGAEgASgLMhUubGFtcGxpZ2h0LnYxLlVzZXJSZWYSMQoNaXNzdWVkX2JlZm9yZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGcmVhc29uGAMgASgJIhYKFFJldm9rZVRva2Vuc1Jlc3BvbnNlIokBChBTdWJzY3JpYmVSZXF1ZXN0Eg0KBXJvb21zGAEgAygJEjgKBXNpbmNlGAIgAygLMikubGFtcGxpZ2h0LnYxLlN1YnNjcmliZVJlcXVlc3QuU2luY2VFbnRyeRosCgpTaW5jZUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEi7wEKEVN1YnNjcmliZVJlc3BvbnNlEi4KCnN1YnNjcmliZWQYASABKAsyGC5sYW1wbGlnaHQudjEuU3Vic2NyaWJlZEgAEiQKBWV2ZW50GAIgASgLMhMubGFtcGxpZ2h0LnYxLkV2ZW50SAASLAoJaGVhcnRiZWF0GAMgASgLMhcubGFtcGxpZ2h0LnYxLkhlYXJ0YmVhdEgAEiQKBXJlc2V0GAQgASgLMhMubGFtcGxpZ2h0LnYxLlJlc2V0SAASKAoHcmVtb3ZlZBgFIAEoCzIVLmxhbXBsaWdodC52MS5SZW1vdmVkSABCBgoEa2luZCI3CgpTdWJzY3JpYmVkEikKBXJvb21zGAEgAygLMhoubGFtcGxpZ2h0LnYxLlJvb21Qb3NpdGlvbiJGCgxSb29tUG9zaXRpb24SDAoEcm9vbRgBIAEoCRIVCg1sYXN0X2V2ZW50X2lkGAIgASgJEhEKCXJlY292ZXJlZBgDIAEoCCI1CglIZWFydGJlYXQSKAoEdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiJQoFUmVzZXQSDAoEcm9vbRgBIAEoCRIOCgZyZWFzb24YAiABKAkiJwoHUmVtb3ZlZBIMCgRyb29tGAEgASgJEg4KBnJlYXNvbhgCIAEoCSL+AwoFRXZlbnQSCgoCaWQYASABKAkSDAoEcm9vbRgCIAEoCRIMCgR0eXBlGAMgASgJEigKBHRpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhQKDHB1Ymxpc2hlcl9pZBgFIAEoCRIiCgR0YXNrGAogASgLMhIubGFtcGxpZ2h0LnYxLlRhc2tIABIgCgNidWcYCyABKAsyES5sYW1wbGlnaHQudjEuQnVnSAASKAoHZmVhdHVyZRgMIAEoCzIVLmxhbXBsaWdodC52MS5GZWF0dXJlSAASKAoHbWVzc2FnZRgNIAEoCzIVLmxhbXBsaWdodC52MS5NZXNzYWdlSAASMgoMbm90aWZpY2F0aW9uGA4gASgLMhoubGFtcGxpZ2h0LnYxLk5vdGlmaWNhdGlvbkgAEiYKBnR5cGluZxgPIAEoCzIULmxhbXBsaWdodC52MS5UeXBpbmdIABIvCgt1c2VyX3N0YXR1cxgQIAEoCzIYLmxhbXBsaWdodC52MS5Vc2VyU3RhdHVzSAASMwoNcHJlc2VuY2VfZGlmZhgRIAEoCzIaLmxhbXBsaWdodC52MS5QcmVzZW5jZURpZmZIABImCgZjdXN0b20YFCABKAsyFC5sYW1wbGlnaHQudjEuQ3VzdG9tSABCCQoHcGF5bG9hZCKBAQoEVGFzaxIKCgJpZBgBIAEoCRISCgpwcm9qZWN0X2lkGAIgASgJEhEKCXRlbmFudF9pZBgDIAEoCRINCgV0aXRsZRgEIAEoCRIOCgZzdGF0dXMYBSABKAkSEAoIcHJpb3JpdHkYBiABKAkSFQoNY3JlYXRlZF9ieV9pZBgHIAEoCSKBAQoDQnVnEgoKAmlkGAEgASgJEhIKCnByb2plY3RfaWQYAiABKAkSEQoJdGVuYW50X2lkGAMgASgJEg0KBXRpdGxlGAQgASgJEg4KBnN0YXR1cxgFIAEoCRIQCghzZXZlcml0eRgGIAEoCRIWCg5yZXBvcnRlZF9ieV9pZBgHIAEoCSJbCgdGZWF0dXJlEgoKAmlkGAEgASgJEhIKCnByb2plY3RfaWQYAiABKAkSEQoJdGVuYW50X2lkGAMgASgJEg0KBXRpdGxlGAQgASgJEg4KBnN0YXR1cxgFIAEoCSJdCgdNZXNzYWdlEgoKAmlkGAEgASgJEhIKCmNoYW5uZWxfaWQYAiABKAkSEQoJdGVuYW50X2lkGAMgASgJEhEKCWF1dGhvcl9pZBgEIAEoCRIMCgRib2R5GAUgASgJIlYKDE5vdGlmaWNhdGlvbhIKCgJpZBgBIAEoCRIPCgd1c2VyX2lkGAIgASgJEg0KBXRpdGxlGAMgASgJEgwKBGJvZHkYBCABKAkSDAoEbGluaxgFIAEoCSJACgZUeXBpbmcSEgoKY2hhbm5lbF9pZBgBIAEoCRIPCgd1c2VyX2lkGAIgASgJEhEKCWlzX3R5cGluZxgDIAEoCCKJAQoKVXNlclN0YXR1cxIPCgd1c2VyX2lkGAEgASgJEi8KBnN0YXR1cxgCIAEoDjIfLmxhbXBsaWdodC52MS5Vc2VyU3RhdHVzLlN0YXR1cyI5CgZTdGF0dXMSFgoSU1RBVFVTX1VOU1BFQ0lGSUVEEAASCgoGT05MSU5FEAESCwoHT0ZGTElORRACIjkKDFByZXNlbmNlRGlmZhIpCgdjaGFuZ2VzGAEgAygLMhgubGFtcGxpZ2h0LnYxLlVzZXJTdGF0dXMiLAoGQ3VzdG9tEhQKDGNvbnRlbnRfdHlwZRgBIAEoCRIMCgRkYXRhGAIgASgMIk0KDlB1Ymxpc2hSZXF1ZXN0EiIKBWV2ZW50GAEgASgLMhMubGFtcGxpZ2h0LnYxLkV2ZW50EhcKD2lkZW1wb3RlbmN5X2tleRgCIAEoCSIdCg9QdWJsaXNoUmVzcG9uc2USCgoCaWQYASABKAkiOwoQU2V0VHlwaW5nUmVxdWVzdBIUCgxjaGFubmVsX3Jvb20YASABKAkSEQoJaXNfdHlwaW5nGAIgASgIIhMKEVNldFR5cGluZ1Jlc3BvbnNlIiIKEkdldFByZXNlbmNlUmVxdWVzdBIMCgRyb29tGAEgASgJIlUKE0dldFByZXNlbmNlUmVzcG9uc2USEgoKdXNlcl9jb3VudBgBIAEoDRIYChBjb25uZWN0aW9uX2NvdW50GAIgASgNEhAKCHVzZXJfaWRzGAMgAygJMsgCCgxFdmVudFNlcnZpY2USTgoJU3Vic2NyaWJlEh4ubGFtcGxpZ2h0LnYxLlN1YnNjcmliZVJlcXVlc3QaHy5sYW1wbGlnaHQudjEuU3Vic2NyaWJlUmVzcG9uc2UwARJGCgdQdWJsaXNoEhwubGFtcGxpZ2h0LnYxLlB1Ymxpc2hSZXF1ZXN0Gh0ubGFtcGxpZ2h0LnYxLlB1Ymxpc2hSZXNwb25zZRJMCglTZXRUeXBpbmcSHi5sYW1wbGlnaHQudjEuU2V0VHlwaW5nUmVxdWVzdBofLmxhbXBsaWdodC52MS5TZXRUeXBpbmdSZXNwb25zZRJSCgtHZXRQcmVzZW5jZRIgLmxhbXBsaWdodC52MS5HZXRQcmVzZW5jZVJlcXVlc3QaIS5sYW1wbGlnaHQudjEuR2V0UHJlc2VuY2VSZXNwb25zZTKKAgoMQWRtaW5TZXJ2aWNlElIKC1Vuc3Vic2NyaWJlEiAubGFtcGxpZ2h0LnYxLlVuc3Vic2NyaWJlUmVxdWVzdBohLmxhbXBsaWdodC52MS5VbnN1YnNjcmliZVJlc3BvbnNlEk8KCkRpc2Nvbm5lY3QSHy5sYW1wbGlnaHQudjEuRGlzY29ubmVjdFJlcXVlc3QaIC5sYW1wbGlnaHQudjEuRGlzY29ubmVjdFJlc3BvbnNlElUKDFJldm9rZVRva2VucxIhLmxhbXBsaWdodC52MS5SZXZva2VUb2tlbnNSZXF1ZXN0GiIubGFtcGxpZ2h0LnYxLlJldm9rZVRva2Vuc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp]);
 
 /**
  * A user: `sub` within a tenant (the same `sub` in two tenants is two users).
@@ -442,12 +442,22 @@ export type Event = Message$1<"lamplight.v1.Event"> & {
     case: "typing";
   } | {
     /**
-     * Ephemeral: delivered live, never kept in history.
+     * Ephemeral: delivered live, never kept in history. No longer sent by the
+     * server (see `presence_diff`); kept so that field numbers stay promised.
      *
      * @generated from field: lamplight.v1.UserStatus user_status = 16;
      */
     value: UserStatus;
     case: "userStatus";
+  } | {
+    /**
+     * Ephemeral: delivered live, never kept in history. Type `user.status`,
+     * published by the server to `tenant:{tid}`.
+     *
+     * @generated from field: lamplight.v1.PresenceDiff presence_diff = 17;
+     */
+    value: PresenceDiff;
+    case: "presenceDiff";
   } | {
     /**
      * @generated from field: lamplight.v1.Custom custom = 20;
@@ -745,6 +755,29 @@ export const UserStatus_StatusSchema: GenEnum<UserStatus_Status> = /*@__PURE__*/
   enumDesc(file_lamplight_v1_events, 21, 0);
 
 /**
+ * The users of a tenant who came online or went offline: every change that
+ * one node decided during one status window (--status-window-ms), at most
+ * one entry per user (the net change: a user who came and went within the
+ * window is not listed). Apply the entries to the online set GetPresence
+ * returned; a user is online until an OFFLINE entry names them.
+ *
+ * @generated from message lamplight.v1.PresenceDiff
+ */
+export type PresenceDiff = Message$1<"lamplight.v1.PresenceDiff"> & {
+  /**
+   * @generated from field: repeated lamplight.v1.UserStatus changes = 1;
+   */
+  changes: UserStatus[];
+};
+
+/**
+ * Describes the message lamplight.v1.PresenceDiff.
+ * Use `create(PresenceDiffSchema)` to create a new message.
+ */
+export const PresenceDiffSchema: GenMessage<PresenceDiff> = /*@__PURE__*/
+  messageDesc(file_lamplight_v1_events, 22);
+
+/**
  * Anything else: an opaque payload with its media type.
  *
  * @generated from message lamplight.v1.Custom
@@ -766,7 +799,7 @@ export type Custom = Message$1<"lamplight.v1.Custom"> & {
  * Use `create(CustomSchema)` to create a new message.
  */
 export const CustomSchema: GenMessage<Custom> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 22);
+  messageDesc(file_lamplight_v1_events, 23);
 
 /**
  * @generated from message lamplight.v1.PublishRequest
@@ -793,7 +826,7 @@ export type PublishRequest = Message$1<"lamplight.v1.PublishRequest"> & {
  * Use `create(PublishRequestSchema)` to create a new message.
  */
 export const PublishRequestSchema: GenMessage<PublishRequest> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 23);
+  messageDesc(file_lamplight_v1_events, 24);
 
 /**
  * @generated from message lamplight.v1.PublishResponse
@@ -810,7 +843,7 @@ export type PublishResponse = Message$1<"lamplight.v1.PublishResponse"> & {
  * Use `create(PublishResponseSchema)` to create a new message.
  */
 export const PublishResponseSchema: GenMessage<PublishResponse> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 24);
+  messageDesc(file_lamplight_v1_events, 25);
 
 /**
  * @generated from message lamplight.v1.SetTypingRequest
@@ -832,7 +865,7 @@ export type SetTypingRequest = Message$1<"lamplight.v1.SetTypingRequest"> & {
  * Use `create(SetTypingRequestSchema)` to create a new message.
  */
 export const SetTypingRequestSchema: GenMessage<SetTypingRequest> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 25);
+  messageDesc(file_lamplight_v1_events, 26);
 
 /**
  * @generated from message lamplight.v1.SetTypingResponse
@@ -845,7 +878,7 @@ export type SetTypingResponse = Message$1<"lamplight.v1.SetTypingResponse"> & {
  * Use `create(SetTypingResponseSchema)` to create a new message.
  */
 export const SetTypingResponseSchema: GenMessage<SetTypingResponse> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 26);
+  messageDesc(file_lamplight_v1_events, 27);
 
 /**
  * @generated from message lamplight.v1.GetPresenceRequest
@@ -862,7 +895,7 @@ export type GetPresenceRequest = Message$1<"lamplight.v1.GetPresenceRequest"> & 
  * Use `create(GetPresenceRequestSchema)` to create a new message.
  */
 export const GetPresenceRequestSchema: GenMessage<GetPresenceRequest> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 27);
+  messageDesc(file_lamplight_v1_events, 28);
 
 /**
  * @generated from message lamplight.v1.GetPresenceResponse
@@ -889,7 +922,7 @@ export type GetPresenceResponse = Message$1<"lamplight.v1.GetPresenceResponse"> 
  * Use `create(GetPresenceResponseSchema)` to create a new message.
  */
 export const GetPresenceResponseSchema: GenMessage<GetPresenceResponse> = /*@__PURE__*/
-  messageDesc(file_lamplight_v1_events, 28);
+  messageDesc(file_lamplight_v1_events, 29);
 
 /**
  * Rooms, live events with replayable history, typing and presence.

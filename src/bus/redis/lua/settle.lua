@@ -1,0 +1,45 @@
+-- Publishes a tenant's status changes (see src/statuses.rs): takes up to ARGV[2] dirty users, and for
+-- each whose state (online set) differs from what the tenant room was told (told set), records it as told
+-- and adds it to one PresenceDiff event, published to the tenant room: deciding what is told and
+-- publishing it are one atomic step, so the told set is what the room's subscribers heard, in order.
+-- KEYS: 1 tenant's dirty users, 2 tenant's online users, 3 tenant's users told online, 4 tenant room
+--       stream, 5 tenant room meta.
+-- ARGV: 1 the event without id and payload (encoded), 2 most users to take, 3 history size,
+--       4 room ttl (ms), 5 epoch candidate, 6 tenant room channel, 7 sharded, 8 ttl of the told set (ms).
+-- Returns {users taken, changes published, users still dirty}.
+local function varint(n)
+  local out = {}
+  while n >= 128 do
+    out[#out + 1] = string.char(n % 128 + 128)
+    n = math.floor(n / 128)
+  end
+  out[#out + 1] = string.char(n)
+  return table.concat(out)
+end
+local users = redis.call('SPOP', KEYS[1], tonumber(ARGV[2]))
+table.sort(users)
+local entries = {}
+for _, user in ipairs(users) do
+  local online = redis.call('SISMEMBER', KEYS[2], user) == 1
+  local told = redis.call('SISMEMBER', KEYS[3], user) == 1
+  if online ~= told then
+    local status = 2
+    if online then
+      redis.call('SADD', KEYS[3], user)
+      status = 1
+    else
+      redis.call('SREM', KEYS[3], user)
+    end
+    -- UserStatus { user_id = 1; status = 2 }, as field 1 of PresenceDiff.
+    local entry = '\10' .. varint(#user) .. user .. '\16' .. string.char(status)
+    entries[#entries + 1] = '\10' .. varint(#entry) .. entry
+  end
+end
+if #entries > 0 then
+  redis.call('PEXPIRE', KEYS[3], ARGV[8])
+  local diff = table.concat(entries)
+  -- Event field 17 (presence_diff), length-delimited: tag (17 << 3) | 2 = 138, as a varint.
+  local payload = ARGV[1] .. '\138\1' .. varint(#diff) .. diff
+  lamplight_emit(KEYS[4], KEYS[5], ARGV[6], payload, true, ARGV[3], ARGV[4], ARGV[5], ARGV[7] == '1')
+end
+return {#users, #entries, redis.call('SCARD', KEYS[1])}
