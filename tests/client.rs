@@ -19,7 +19,7 @@ use lamplight::client::{
     token_fn, Backoff, Client, ClientConfig, ClientError, PublishError, PublishReceipt,
     StaticToken, Subscription, SubscriptionEvent, TokenError,
 };
-use lamplight::proto::v1::{event::Payload, Custom, Event};
+use lamplight::proto::v1::{event::Payload, Event};
 use redis_support::RedisServer;
 use support::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -483,21 +483,6 @@ async fn rooms_the_token_may_not_join_end_the_subscription_at_once() {
     assert_eq!(err.code(), Some(Code::Unauthenticated), "{err}");
 }
 
-/// A `Custom` event of `size` bytes whose first bytes carry `n`.
-fn blob_event(n: u64, size: usize) -> Event {
-    let mut data = vec![0xA5; size];
-    data[..8].copy_from_slice(&n.to_be_bytes());
-    Event {
-        room: PROJECT.into(),
-        r#type: "custom.blob".into(),
-        payload: Some(Payload::Custom(Custom {
-            content_type: "application/octet-stream".into(),
-            data,
-        })),
-        ..Default::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_that_was_cut_off_resumes_without_loss() {
     // 3000 x 4 KiB: more than the windows and buffers hold, so the server ends the unread stream
@@ -522,7 +507,7 @@ async fn a_slow_consumer_that_was_cut_off_resumes_without_loss() {
     let mut sub = user.subscribe([PROJECT]);
     expect_connected(&mut sub).await;
     let receipts: Vec<_> = (0..EVENTS as u64)
-        .map(|n| svc.publish(blob_event(n, 4096)).unwrap())
+        .map(|n| svc.publish(blob_event(PROJECT, n, 4096)).unwrap())
         .collect();
     let mut ids = Vec::with_capacity(EVENTS);
     for r in receipts {

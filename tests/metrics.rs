@@ -5,31 +5,6 @@ mod support;
 use std::time::Duration;
 
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    let mut conn = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("metrics port");
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: lamplight\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    conn.read_to_string(&mut body).await.unwrap();
-    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
-    body
-}
-
-/// The value of a sample line `name{labels} value` (exact name-and-labels match), or 0.
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
-}
 
 /// Scrapes until `check` holds (gauges fall in a spawned task after a stream is dropped).
 async fn scrape_until(

@@ -16,7 +16,6 @@ use lamplight::proto::v1::subscribe_response::Kind;
 use lamplight::proto::v1::Event;
 use redis_support::*;
 use support::*;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lamplight");
 
@@ -158,29 +157,6 @@ async fn a_resume_across_64_rooms_of_large_events_is_read_in_pages_complete_and_
     // And the stream is live: a new event arrives once.
     let id = publish_event(&mut publisher, large_event(&rooms[7], 99, 100)).await;
     assert_eq!(next_event(&mut stream).await.id, id);
-}
-
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    let mut conn = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("metrics port");
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: lamplight\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    conn.read_to_string(&mut body).await.unwrap();
-    body
-}
-
-/// The value of the sample `series` (exact name and labels), or 0.
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
 }
 
 /// A node whose pub/sub queue holds less than one event (`--redis-push-queue-bytes` 1024, events of

@@ -3,25 +3,10 @@
 //! and resumes from its status without a gap.
 mod support;
 
-use lamplight::proto::v1::{event::Payload, Custom, Event};
 use support::*;
 use tonic::Code;
 
 const PROJECT: &str = "tenant:t1:project:p1";
-
-fn blob_event(n: usize, size: usize) -> Event {
-    let mut data = vec![0u8; size];
-    data[..8].copy_from_slice(&(n as u64).to_be_bytes());
-    Event {
-        room: PROJECT.into(),
-        r#type: "custom.blob".into(),
-        payload: Some(Payload::Custom(Custom {
-            content_type: "application/octet-stream".into(),
-            data,
-        })),
-        ..Default::default()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_holding_more_bytes_than_its_bound_ends_and_resumes_without_a_gap() {
@@ -41,7 +26,7 @@ async fn a_stream_holding_more_bytes_than_its_bound_ends_and_resumes_without_a_g
     let (mut slow, _) = subscribe(&mut slow_client, &[PROJECT], &[]).await.unwrap();
     let mut published = Vec::with_capacity(EVENTS);
     for n in 0..EVENTS {
-        published.push(publish_event(&mut svc, blob_event(n, PAYLOAD)).await);
+        published.push(publish_event(&mut svc, blob_event(PROJECT, n as u64, PAYLOAD)).await);
     }
 
     let (delivered, status) = drain_until_status(&mut slow).await;

@@ -4,7 +4,7 @@ mod support;
 
 use std::time::SystemTime;
 
-use lamplight::proto::v1::{event::Payload, subscribe_response::Kind, Custom, Event};
+use lamplight::proto::v1::{event::Payload, subscribe_response::Kind};
 use support::*;
 use tonic::Code;
 
@@ -112,21 +112,6 @@ async fn expired_token_ends_the_stream_and_a_fresh_token_resumes_without_loss() 
     );
 }
 
-/// A `Custom` event of `size` bytes whose first bytes carry `n`.
-fn blob_event(n: usize, size: usize) -> Event {
-    let mut data = vec![0xA5; size];
-    data[..8].copy_from_slice(&(n as u64).to_be_bytes());
-    Event {
-        room: PROJECT.into(),
-        r#type: "custom.blob".into(),
-        payload: Some(Payload::Custom(Custom {
-            content_type: "application/octet-stream".into(),
-            data,
-        })),
-        ..Default::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumer_is_cut_off_without_slowing_others_and_resumes_from_its_status() {
     // 3000 x 4 KiB = 12 MiB: far more than the slow client's HTTP/2 windows (a few MiB) and socket buffers
@@ -155,7 +140,7 @@ async fn slow_consumer_is_cut_off_without_slowing_others_and_resumes_from_its_st
         let batch_end = (batch_start + BATCH).min(EVENTS);
         for n in batch_start..batch_end {
             // publish_event fails the test if a publish does not complete within 10 s.
-            published.push(publish_event(&mut svc, blob_event(n, PAYLOAD)).await);
+            published.push(publish_event(&mut svc, blob_event(PROJECT, n as u64, PAYLOAD)).await);
         }
         for expected in &published[batch_start..batch_end] {
             let got = next_event(&mut fast).await;
@@ -201,6 +186,6 @@ async fn slow_consumer_is_cut_off_without_slowing_others_and_resumes_from_its_st
             other => panic!("unexpected payload {other:?}"),
         }
     }
-    let live = publish_event(&mut svc, blob_event(EVENTS, 16)).await;
+    let live = publish_event(&mut svc, blob_event(PROJECT, EVENTS as u64, 16)).await;
     assert_eq!(next_event(&mut resumed).await.id, live);
 }

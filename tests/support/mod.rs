@@ -438,3 +438,47 @@ impl OnlineSet {
         }
     }
 }
+
+/// A `Custom` event for `room` of `size` bytes whose first 8 bytes carry `n` (big-endian): large events
+/// for the flow-control and byte-bound tests.
+pub fn blob_event(room: &str, n: u64, size: usize) -> lamplight::proto::v1::Event {
+    let mut data = vec![0xA5; size.max(8)];
+    data[..8].copy_from_slice(&n.to_be_bytes());
+    lamplight::proto::v1::Event {
+        room: room.into(),
+        r#type: "custom.blob".into(),
+        payload: Some(lamplight::proto::v1::event::Payload::Custom(
+            lamplight::proto::v1::Custom {
+                content_type: "application/octet-stream".into(),
+                data,
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+/// The Prometheus text of `--metrics-listen` at `addr` (the whole HTTP/1.1 response).
+pub async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut conn = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics port");
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: lamplight\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).await.unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    body
+}
+
+/// The value of a sample line `name{labels} value` (exact name-and-labels match), or 0.
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
