@@ -19,14 +19,13 @@ use async_trait::async_trait;
 
 use super::{
     is_ephemeral, Bus, BusError, Position, Recovery, Replay, RoomFeed, RoomItem, Sink, StoredEvent,
+    IDEMPOTENCY_TTL,
 };
 use crate::metrics::ROOMS_LOCAL;
 use crate::presence::{Member, PresenceSnapshot, PresenceTable, Transition};
 use crate::proto::v1::Event;
 use crate::statuses::{diff_event, Settle, StatusSettings, StatusWindow, MAX_CHANGES_PER_EVENT};
 
-/// How long a publish's idempotency key is remembered.
-pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(600);
 /// Most idempotency keys remembered at once; past it the oldest are forgotten early.
 pub const MAX_IDEMPOTENCY_KEYS: usize = 100_000;
 /// Idle time after which a room without history and without subscribers is forgotten.

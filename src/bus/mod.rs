@@ -30,6 +30,9 @@ use crate::presence::{Member, PresenceSnapshot};
 use crate::proto::v1::{event::Payload, Event};
 use crate::wire::SharedResponse;
 
+/// How long a publish's idempotency key is remembered, by every bus (the contract promises ten minutes).
+pub const IDEMPOTENCY_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Order of an event within its room (for the in-memory bus a sequence number; for Redis a stream id).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Position {

@@ -1,4 +1,5 @@
-//! Every Redis key and channel name the bus uses, in one place (docs/redis.md lists them for operators).
+//! Every Redis key and channel name the bus uses, in one place (the README's "What is in Redis" lists them
+//! for operators).
 //!
 //! Everything about a room carries the hash tag `{room}`, so in a Redis Cluster a room's stream, metadata,
 //! channel, presence set and idempotency keys live on one shard and one Lua script can touch them

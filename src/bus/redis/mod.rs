@@ -54,7 +54,7 @@ use super::{
     StoredEvent, REPLAY_PAGE_BYTES, REPLAY_PAGE_EVENTS,
 };
 use crate::auth::{Revocation, MAX_REVOCATIONS};
-use crate::bus::memory::IDEMPOTENCY_TTL;
+use crate::bus::IDEMPOTENCY_TTL;
 use crate::presence::{Member, PresenceSnapshot};
 use crate::proto::v1::Event;
 use crate::statuses::{diff_event, Settle, StatusSettings, StatusWindow, MAX_CHANGES_PER_EVENT};
