@@ -215,3 +215,142 @@ async fn impossible_flags_fail_before_connecting() {
     assert!(stdout.is_empty(), "no JSON line on failure: {stdout}");
     assert!(stderr.contains("two --addr"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_reports_the_storm_and_the_watchers_online_set_is_the_truth() {
+    let metrics = free_addr();
+    let server = TestServer::start_with(|c| c.metrics_listen = Some(metrics)).await;
+    let pid = std::process::id().to_string();
+    let metrics_url = format!("http://{metrics}");
+    let (ok, stdout, stderr) = bench(
+        &server,
+        &[
+            "--workload",
+            "storm",
+            "--subs",
+            "50",
+            "--server-pid",
+            &pid,
+            "--metrics",
+            &metrics_url,
+            "--quiet",
+        ],
+    )
+    .await;
+    assert!(
+        ok,
+        "bench --workload storm failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    let line = json_line(&stdout, &stderr);
+    assert_eq!(line["workload"], "storm");
+    assert_eq!(u(&line, "connections"), 50);
+    assert_eq!(u(&line, "connect_failures"), 0);
+    assert!(line["connect_secs"].as_f64().is_some_and(|s| s > 0.0));
+    assert_eq!(line["online_set_ok"], true, "{line}");
+    assert_eq!(u(&line, "online_missing"), 0);
+    assert_eq!(u(&line, "online_extra"), 0);
+    assert!(line["statuses_converged_secs"].as_f64().is_some(), "{line}");
+    // The users announced themselves: status diffs reached the watcher and the members.
+    assert!(u(&line, "watcher_diffs") > 0, "{line}");
+    assert!(u(&line, "status_changes_received") > 0, "{line}");
+    assert!(line["server_cpu_secs"].as_f64().is_some(), "{line}");
+    assert!(
+        line["server_rss_peak_mib"]
+            .as_f64()
+            .is_some_and(|r| r > 0.0),
+        "{line}"
+    );
+    let counts = &line["server_metrics"][0];
+    // The recorder is per process: other tests of this file count in it too, never less than ours.
+    assert!(
+        counts["status_changes"].as_f64().is_some_and(|n| n >= 50.0),
+        "{counts}"
+    );
+    assert!(
+        counts["status_events"].as_f64().is_some_and(|n| n >= 1.0),
+        "{counts}"
+    );
+    assert!(line.get("reconnect").is_none(), "no --restart-cmd: {line}");
+    server.stop().await.unwrap();
+}
+
+/// The mass reconnect: a real `lamplight` process, restarted by the bench's `--restart-cmd` under 30
+/// open streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_restart_reconnects_every_stream_and_statuses_converge() {
+    let addr = free_addr();
+    let dir = std::env::temp_dir().join(format!(
+        "lamplight-storm-{}-{}",
+        std::process::id(),
+        addr.port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pidfile = dir.join("pid");
+    let exe = env!("CARGO_BIN_EXE_lamplight");
+    // Starts the server in the background (its output to a file, so the command's stdout closes), prints
+    // its pid.
+    let start = format!(
+        "env -u REDIS_URL '{exe}' --listen {addr} --jwt-secret {SECRET} >>'{log}' 2>&1 & echo $! > '{pid}'; cat '{pid}'",
+        log = dir.join("server.log").display(),
+        pid = pidfile.display(),
+    );
+    let restart = format!(
+        "old=$(cat '{pid}'); kill $old; while kill -0 $old 2>/dev/null; do sleep 0.05; done; {start}",
+        pid = pidfile.display(),
+    );
+    let out = std::process::Command::new("sh")
+        .args(["-c", &start])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let url = format!("http://{addr}");
+    // Up when it answers.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(std::time::Instant::now() < deadline, "server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let child = tokio::process::Command::new(exe)
+        .arg("bench")
+        .args(["--addr", &url, "--jwt-secret", SECRET])
+        .args(["--workload", "storm", "--subs", "30", "--quiet"])
+        .args(["--restart-cmd", &restart])
+        .env_remove("LAMPLIGHT_ADDR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run the lamplight binary");
+    let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .expect("lamplight bench did not finish within 120 s")
+        .expect("wait for lamplight bench");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    let server_pid = std::fs::read_to_string(&pidfile).unwrap_or_default();
+    let _ = std::process::Command::new("kill")
+        .arg(server_pid.trim())
+        .status();
+    assert!(
+        out.status.success(),
+        "bench storm --restart-cmd failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    let line = json_line(&stdout, &stderr);
+    assert_eq!(line["online_set_ok"], true, "{line}");
+    let reconnect = &line["reconnect"];
+    assert_eq!(reconnect["all_back"], true, "{line}");
+    assert!(u(reconnect, "streams_ended") >= 30, "{line}");
+    assert!(u(reconnect, "streams_back") >= u(reconnect, "streams_ended"));
+    assert_eq!(reconnect["online_set_ok"], true, "{line}");
+    assert!(u(reconnect, "watcher_subscriptions") >= 2, "{line}");
+    assert_eq!(
+        reconnect["new_server_pids"][0].as_u64(),
+        server_pid.trim().parse::<u64>().ok(),
+        "{line}"
+    );
+    assert!(reconnect["server_cpu_secs"].as_f64().is_some(), "{line}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -13,7 +13,10 @@
 //!   publisher at E events/s round-robin over the rooms;
 //! - `two-node`: the same over two servers on one Redis (`--addr A,B`): every room has members on both,
 //!   the publisher talks to the first, so half of the deliveries cross the bus;
-//! - `idle`: S subscribers in 4 rooms each, doing nothing: server RSS per connection.
+//! - `idle`: S subscribers in 4 rooms each, doing nothing: server RSS per connection;
+//! - `storm`: S users of one tenant connect at once (see [`storm`]): time until all are subscribed,
+//!   server CPU and peak RSS, status deliveries, and whether a watcher's online set ends equal to the
+//!   truth; `--restart-cmd` adds the mass reconnect.
 //!
 //! `--find-max` raises E by `--factor` until delivered/expected < 99 % or p99 > 200 ms (or the publisher
 //! falls behind, or a stream ends), then bisects, and reports the highest sustained deliveries/s.
@@ -26,6 +29,7 @@ mod publisher;
 mod report;
 mod scrape;
 mod step;
+mod storm;
 mod subscriber;
 mod tally;
 mod workload;
@@ -63,6 +67,9 @@ pub enum Workload {
     TwoNode,
     /// S idle subscribers in 4 rooms each: the server's memory per connection.
     Idle,
+    /// S users of one tenant connecting at once (one or two `--addr`): time until all are subscribed,
+    /// server CPU and peak RSS, status deliveries, and a watcher's online set against the truth.
+    Storm,
 }
 
 /// Flags of `lamplight bench`.
@@ -76,7 +83,7 @@ pub struct BenchArgs {
         default_value = "http://127.0.0.1:50051"
     )]
     pub addr: Vec<String>,
-    /// fanout, two-node or idle.
+    /// fanout, two-node, idle or storm.
     #[arg(long, value_enum, default_value_t = Workload::Fanout)]
     pub workload: Workload,
     /// S: subscriber connections (one stream each).
@@ -130,6 +137,14 @@ pub struct BenchArgs {
     /// idle: seconds to wait after every subscriber joined before measuring.
     #[arg(long, default_value_t = 10.0)]
     pub settle_secs: f64,
+    /// storm: longest wait for the watcher's online set to equal the truth (and for status deliveries to
+    /// stop) after the storm and after the reconnect.
+    #[arg(long, default_value_t = 60.0)]
+    pub status_timeout_secs: f64,
+    /// storm: after the storm, run this shell command, which must restart the servers under the open
+    /// streams and print their new PIDs (comma-separated, `--addr` order); then measure the reconnect.
+    #[arg(long)]
+    pub restart_cmd: Option<String>,
     /// PIDs of the servers (same order as --addr) whose RSS and CPU are reported, from /proc.
     #[arg(long, value_delimiter = ',')]
     pub server_pid: Vec<u32>,
@@ -194,6 +209,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
     let specs = match args.workload {
         Workload::Idle => workload::idle(args.subs, urls.len()),
         Workload::Fanout | Workload::TwoNode => workload::fanout(args.subs, args.rooms, urls.len()),
+        Workload::Storm => workload::storm(args.subs, args.rooms, urls.len()),
     };
     // Idle subscribers each join their own 4 rooms; --rooms shapes the fan-out workloads only.
     let rooms = if args.workload == Workload::Idle {
@@ -201,6 +217,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
     } else {
         args.rooms
     };
+    // The storm's watcher subscribes before the storm, so that it sees every status change.
+    let watcher = if args.workload == Workload::Storm {
+        let token = minter.sign(&workload::watcher())?;
+        Some(
+            storm::Watcher::start(
+                &urls[0],
+                authorization(&token)?,
+                Duration::from_secs_f64(args.connect_timeout_secs),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    let storm_before = match watcher {
+        Some(_) => Some(storm::Before::take(&args).await),
+        None => None,
+    };
+    let storm_started = Instant::now();
     let rss_before: Vec<procfs::Sample> =
         args.server_pid.iter().map(|p| procfs::sample(*p)).collect();
     let bench_before = procfs::sample(std::process::id());
@@ -248,6 +283,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
         Workload::Fanout | Workload::TwoNode => {
             fanout(&args, &urls[0], &minter, &tally, connected).await
         }
+        Workload::Storm => match (&watcher, storm_before) {
+            (Some(watcher), Some(before)) => {
+                storm::run(
+                    &args,
+                    &tally,
+                    watcher,
+                    &connected.ids,
+                    storm_started,
+                    before,
+                )
+                .await
+            }
+            _ => anyhow::bail!("the storm has no watcher"),
+        },
     };
     tasks.abort_all();
     let fields = result?;
@@ -268,7 +317,13 @@ fn check(args: &BenchArgs) -> anyhow::Result<()> {
         Workload::TwoNode if servers != 2 => {
             anyhow::bail!("--workload two-node takes two --addr (A,B) sharing one Redis")
         }
-        Workload::Idle if args.find_max => anyhow::bail!("--find-max needs a fan-out workload"),
+        Workload::Idle | Workload::Storm if args.find_max => {
+            anyhow::bail!("--find-max needs a fan-out workload")
+        }
+        Workload::Storm if servers > 2 => anyhow::bail!("--workload storm takes one or two --addr"),
+        _ if args.restart_cmd.is_some() && args.workload != Workload::Storm => {
+            anyhow::bail!("--restart-cmd belongs to --workload storm")
+        }
         _ => {}
     }
     anyhow::ensure!(args.subs > 0, "--subs must be at least 1");
@@ -298,6 +353,8 @@ fn authorization(token: &str) -> anyhow::Result<MetadataValue<Ascii>> {
 struct Connected {
     /// (fan-out room, what it saw), one per connected subscriber.
     seen: Vec<(Option<usize>, Arc<Mutex<Seen>>)>,
+    /// Index (user `u{i}`) of every connected subscriber.
+    ids: Vec<usize>,
     failures: usize,
     first_error: Option<String>,
     secs: f64,
@@ -370,6 +427,11 @@ async fn connect_all(
         eprintln!("  {disconnects} streams ended while connecting (subscribed again)");
     }
     Ok(Connected {
+        ids: ok
+            .iter()
+            .enumerate()
+            .filter_map(|(i, ok)| ok.then_some(specs[i].idx))
+            .collect(),
         seen: seen
             .into_iter()
             .zip(ok)

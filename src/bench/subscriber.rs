@@ -80,6 +80,7 @@ impl Subscriber {
                             break stream;
                         }
                     };
+                    self.tally.resubscribed.fetch_add(1, Relaxed);
                 }
             }
         }
@@ -121,8 +122,20 @@ impl Subscriber {
     fn on_message(&self, message: SubscribeResponse) {
         match message.kind {
             Some(Kind::Event(event)) => {
-                let Some(Payload::Task(task)) = &event.payload else {
-                    return; // presence (ONLINE/OFFLINE) and the like
+                let task = match &event.payload {
+                    Some(Payload::Task(task)) => task,
+                    Some(Payload::PresenceDiff(diff)) => {
+                        self.tally.status_events.fetch_add(1, Relaxed);
+                        let n = diff.changes.len() as u64;
+                        self.tally.status_changes.fetch_add(n, Relaxed);
+                        return;
+                    }
+                    Some(Payload::UserStatus(_)) => {
+                        self.tally.status_events.fetch_add(1, Relaxed);
+                        self.tally.status_changes.fetch_add(1, Relaxed);
+                        return;
+                    }
+                    _ => return, // presence (ONLINE/OFFLINE) and the like
                 };
                 match (parse_task_id(&task.id), &self.fanout_room) {
                     (Some((seq, sent_ns)), Some(room)) if *room == event.room => {

@@ -39,6 +39,13 @@ pub(super) struct Tally {
     pub(super) resets: AtomicU64,
     /// Streams that ended while the bench was running (each subscriber then subscribes again).
     pub(super) disconnects: AtomicU64,
+    /// Streams opened again after one ended (storm: the mass reconnect is over when this reaches the
+    /// disconnects).
+    pub(super) resubscribed: AtomicU64,
+    /// Status events (`user.status`, a `PresenceDiff` or a legacy `UserStatus`) received by subscribers,
+    /// and the status changes they carried.
+    pub(super) status_events: AtomicU64,
+    pub(super) status_changes: AtomicU64,
     /// Publishes answered (ok or not) / answered with an error.
     pub(super) acked: AtomicU64,
     pub(super) publish_errors: AtomicU64,
@@ -63,6 +70,9 @@ impl Tally {
             foreign: AtomicU64::new(0),
             resets: AtomicU64::new(0),
             disconnects: AtomicU64::new(0),
+            resubscribed: AtomicU64::new(0),
+            status_events: AtomicU64::new(0),
+            status_changes: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             publish_errors: AtomicU64::new(0),
             servers,

@@ -73,6 +73,27 @@ pub(super) fn fanout(subs: usize, rooms: usize, servers: usize) -> Vec<Subscribe
         .collect()
 }
 
+/// `sub` of the storm's watcher: a member of tenant `t1` that follows its statuses.
+pub(super) const WATCHER_SUB: &str = "storm-watcher";
+
+/// Storm: subscriber `i` is user `u{i}` of tenant `t1`, in `user:u{i}`, `tenant:t1` and project room
+/// `p{i % rooms}` (the fan-out users, listening to nothing in particular); servers are used round-robin.
+pub(super) fn storm(subs: usize, rooms: usize, servers: usize) -> Vec<SubscriberSpec> {
+    fanout(subs, rooms, 1)
+        .into_iter()
+        .map(|s| SubscriberSpec {
+            fanout_room: None,
+            server: s.idx % servers,
+            ..s
+        })
+        .collect()
+}
+
+/// The storm's watcher: a user of tenant `t1` in `tenant:t1` only.
+pub(super) fn watcher() -> DevToken {
+    user(WATCHER_SUB.to_owned(), TENANT, Vec::new(), Vec::new())
+}
+
 /// Idle: subscriber `i` is user `u{i}` of tenant `t{i % 10}`, in 4 rooms: `user:`, `tenant:`, project
 /// `p{i % 50}` and channel `c{i % 100}` of its tenant; servers are used round-robin.
 pub(super) fn idle(subs: usize, servers: usize) -> Vec<SubscriberSpec> {
