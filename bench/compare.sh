@@ -22,6 +22,7 @@
 #   REDIS_PORT [6391]    a private redis-server for the peer and two-node lamplight (never 6379)
 #   BASE_PORT [3200]     servers listen on BASE_PORT and BASE_PORT+1
 #   FIXED_T [30] SAT_T [10] IDLE_HOLD [30]  seconds; START_RATE [800] first step of the saturation ramps
+#   STORM_SIZES ["10000 20000"; QUICK: 2000]  storm users; STORM_NODES ["1 2"] lamplight bench storm nodes
 #   OUT [target/bench-compare/<utc time>]
 #
 # What runs (loadgen arguments as in peers/README.md, so the peer's RESULTS.md figures are reproduced):
@@ -29,6 +30,15 @@
 #   sat      saturation search S=1000 R=10 and S=5000 R=50 (x1.25 ramp from START_RATE + 2 bisections)
 #   twonode  two servers on one Redis, S=2000 R=20: fixed at 500 events/s, and the saturation search
 #   idle     S=5000 and S=10000 idle subscribers in 4 rooms: server RSS per connection
+#   storm    connect storm (issue 12): STORM_SIZES users of ONE tenant connect at once. Every target through
+#            the loadgen (`--mode fanout --rate 1`: its connect_s is the time until all are subscribed; the
+#            peers' loadgen has no storm mode of its own), the peer with its USER_STATUS broadcasts (on by
+#            default). Then the lamplight targets through `lamplight bench --workload storm`, which also
+#            checks a watcher's online set against the truth, counts status deliveries, reads the server's
+#            status metrics, and restarts the server under the open streams (--restart-cmd: the mass
+#            reconnect), on one node and on two nodes on Redis (STORM_NODES). Its JSON lines go to
+#            $OUT/<target>/storm/ (not read by compare_table.py's loadgen tables).
+#            The tonic-floor target is the goal's yardstick (10,000 users within 2x of its time).
 # lamplight runs its embedded bus on one node and the Redis bus (--redis-url) on two; the peer always runs
 # its Redis adapter, as deployed.
 set -euo pipefail
@@ -44,11 +54,14 @@ if [ "$QUICK" = 1 ]; then
   ONLY=${ONLY:-"fixed sat idle"}
   FIXED_T=${FIXED_T:-10}; SAT_T=${SAT_T:-5}; IDLE_HOLD=${IDLE_HOLD:-10}; WARM=2; SETTLE=5
   IDLE_SIZES=${IDLE_SIZES:-5000}
+  STORM_SIZES=${STORM_SIZES:-2000}
 else
   ONLY=${ONLY:-"fixed sat twonode idle"}
   FIXED_T=${FIXED_T:-30}; SAT_T=${SAT_T:-10}; IDLE_HOLD=${IDLE_HOLD:-30}; WARM=5; SETTLE=10
   IDLE_SIZES=${IDLE_SIZES:-"5000 10000"}
+  STORM_SIZES=${STORM_SIZES:-"10000 20000"}
 fi
+STORM_NODES=${STORM_NODES:-"1 2"}
 START_RATE=${START_RATE:-800}
 OUT=${OUT:-$REPO/target/bench-compare/$(date -u +%Y%m%dT%H%M%SZ)}
 export JWT_SECRET=${JWT_SECRET:-lamplight-bench-secret}
@@ -59,6 +72,10 @@ for tool in cargo node npm redis-server redis-cli python3; do
   command -v "$tool" >/dev/null || { echo "missing $tool (install it: see README)" >&2; exit 1; }
 done
 ulimit -n "$(ulimit -Hn)"
+STORM_MAX=0
+case " $ONLY " in *" storm "*) for s in $STORM_SIZES; do [ "$s" -gt "$STORM_MAX" ] && STORM_MAX=$s; done ;; esac
+# the bench holds one socket per user, the server another (both in this shell's limit)
+[ "$(ulimit -n)" -ge $((STORM_MAX + 2000)) ] || { echo "need ulimit -n >= $((STORM_MAX + 2000)) for STORM_SIZES (have $(ulimit -n))" >&2; exit 1; }
 [ "$(ulimit -n)" -ge 12000 ] || { echo "need ulimit -n >= 12000 (have $(ulimit -n))" >&2; exit 1; }
 
 # ---- build: lamplight, the peer and the loadgen (inside target/, which git ignores)
@@ -86,7 +103,7 @@ for t in $TARGETS; do mkdir -p "$OUT/$t"; done
   echo "node: $(node --version)"; redis-server --version; echo "loadgen: $($LG --version)"
   echo "lamplight: $($LAMPLIGHT --version) ($(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$REPO" && git diff --quiet 2>/dev/null || echo '+changes'))"
   echo "rustc: $(rustc --version)"; echo "ulimit -n: $(ulimit -n)"
-  echo "TARGETS=$TARGETS QUICK=$QUICK REPEATS=$REPEATS ONLY=$ONLY FIXED_T=$FIXED_T SAT_T=$SAT_T IDLE_HOLD=$IDLE_HOLD START_RATE=$START_RATE"
+  echo "TARGETS=$TARGETS QUICK=$QUICK REPEATS=$REPEATS ONLY=$ONLY FIXED_T=$FIXED_T SAT_T=$SAT_T IDLE_HOLD=$IDLE_HOLD START_RATE=$START_RATE STORM_SIZES=$STORM_SIZES STORM_NODES=$STORM_NODES"
 } > "$OUT/env.txt"
 
 PIDS=()
@@ -159,6 +176,40 @@ both() { # NODES NAME ARGS...: every target in turn (the peer first)
   done
 }
 
+# lamplight_storm TARGET NODES USERS: `lamplight bench --workload storm` with the mass reconnect. The servers
+# are started by a generated start.sh (pids in files, so that restart.sh, the bench's --restart-cmd, can
+# stop them, start fresh ones on the same ports and print their pids).
+lamplight_storm() {
+  local target=$1 nodes=$2 users=$3 name="storm-n$2-S$3"
+  local dir="$OUT/$target/storm/$name.$(date -u +%H%M%S)" extra="" redis="" addrs="" metrics="" n port
+  mkdir -p "$dir"
+  [ "$target" = grpc-1w ] && extra="--worker-threads 1"
+  [ "$nodes" = 2 ] && redis="--redis-url $REDIS_URL"
+  : > "$dir/start.sh"
+  for n in $(seq 0 $((nodes - 1))); do
+    port=$((BASE_PORT + n))
+    echo "env -u REDIS_URL '$LAMPLIGHT' --listen 127.0.0.1:$port --metrics-listen 127.0.0.1:$((port + 10)) --jwt-secret '$JWT_SECRET' $redis $extra >>'$OUT/$target/server-$port.log' 2>&1 </dev/null & echo \$! > '$dir/pid-$n'" >> "$dir/start.sh"
+    addrs="$addrs${addrs:+,}http://127.0.0.1:$port"; metrics="$metrics${metrics:+,}http://127.0.0.1:$((port + 10))"
+  done
+  echo "cat '$dir'/pid-* | paste -sd," >> "$dir/start.sh"
+  cat > "$dir/restart.sh" <<RESTART
+for f in '$dir'/pid-*; do p=\$(cat "\$f"); kill "\$p"; while kill -0 "\$p" 2>/dev/null; do sleep 0.05; done; done
+sh '$dir/start.sh'
+RESTART
+  local pids
+  pids=$(sh "$dir/start.sh")
+  for n in $(seq 0 $((nodes - 1))); do wait_port $((BASE_PORT + n)); done
+  sleep 1
+  echo "[$(date -u +%T)] $target lamplight bench $name" | tee -a "$OUT/progress.log"
+  "$LAMPLIGHT" bench --workload storm --addr "$addrs" --server-pid "$pids" --metrics "$metrics" \
+    --subs "$users" --rooms 10 --jwt-secret "$JWT_SECRET" --restart-cmd "sh '$dir/restart.sh'" \
+    --label "$name" --json-out "$OUT/$target/storm/$name.jsonl" >/dev/null 2>>"$OUT/$target/storm/$name.log" \
+    || echo "  lamplight bench failed (see $OUT/$target/storm/$name.log)" | tee -a "$OUT/progress.log"
+  grep -E '^(Storm|Reconnect)' "$OUT/$target/storm/$name.log" | tail -n 2 | cut -c1-300 | tee -a "$OUT/progress.log"
+  for f in "$dir"/pid-*; do stop_server "$(cat "$f")"; while kill -0 "$(cat "$f")" 2>/dev/null; do sleep 0.05; done; done
+  sleep 2
+}
+
 SAT="--mode saturate --duration $SAT_T --warmup 3 --factor 1.25 --refine 2 --start-rate $START_RATE"
 for rep in $(seq "$REPEATS"); do
   echo "=== repeat $rep/$REPEATS" | tee -a "$OUT/progress.log"
@@ -179,6 +230,20 @@ for rep in $(seq "$REPEATS"); do
       idle)
         for s in $IDLE_SIZES; do
           both 1 "idle-S$s" --mode idle --subs "$s" --settle "$SETTLE" --duration "$IDLE_HOLD"
+        done
+        ;;
+      storm)
+        for s in $STORM_SIZES; do
+          both 1 "storm-S$s" --mode fanout --subs "$s" --rooms 10 --rate 1 --duration 1 --warmup 0
+          case " $STORM_NODES " in *" 2 "*)
+            both 2 "storm-twonode-S$s" --mode fanout --subs "$s" --rooms 10 --rate 1 --duration 1 --warmup 0 ;;
+          esac
+        done
+        for t in $TARGETS; do
+          case $t in grpc | grpc-1w) ;; *) continue ;; esac
+          for nodes in $STORM_NODES; do
+            for s in $STORM_SIZES; do lamplight_storm "$t" "$nodes" "$s"; done
+          done
         done
         ;;
       *) echo "unknown group $group" >&2; exit 1 ;;

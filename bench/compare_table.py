@@ -140,6 +140,54 @@ DETAILS = [
 ]
 
 
+def storm_tables(out, targets, runs, name):
+    """The connect storm (issue 12): the loadgen's connect time per target beside the bare tonic floor, and
+    what `lamplight bench --workload storm` saw (OUT/<target>/storm/*.jsonl)."""
+    lines = []
+    scenarios = sorted({sc for (_, sc) in runs if sc.startswith("storm-")}, key=lambda sc: (("twonode" in sc), int(sc.rsplit("-S", 1)[1])))
+    if scenarios:
+        lines.append("#### connect storm: seconds until all users of one tenant are subscribed (loadgen `connect_s`)\n")
+        head = ["scenario"] + [name(t) for t in targets] + [f"{name(t)} ÷ bare tonic" for t in targets if t != "tonic-floor"]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        connect = lambda t, sc: [r.get("connect_s") for r in runs.get((t, sc), [])]
+        for sc in scenarios:
+            floor = med(connect("tonic-floor", sc))
+            row = [sc] + [cell(connect(t, sc)) for t in targets]
+            for t in targets:
+                if t == "tonic-floor":
+                    continue
+                o = med(connect(t, sc))
+                row.append(f"{o / floor:.2f}×" if floor and o is not None else "-")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("\nGoals (issue 12): lamplight at S=10000 ≤ 2× the bare tonic floor; S=20000 ≤ 2.2× S=10000.\n")
+    rows = []
+    for t in targets:
+        for path in sorted(glob.glob(os.path.join(out, t, "storm", "*.jsonl"))):
+            with open(path) as f:
+                for line in f:
+                    if line.strip():
+                        rows.append((t, json.loads(line)))
+    if rows:
+        lines.append("#### `lamplight bench --workload storm` (one line per run)\n")
+        head = ["target", "run", "users", "subscribed s", "statuses converged s", "online set ok", "server CPU s",
+                "peak RSS MiB", "status events / changes received", "reconnect: all back s", "reconnect: online set ok",
+                "reconnect: server CPU s"]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        for t, r in rows:
+            rc = r.get("reconnect") or {}
+            lines.append("| " + " | ".join(str(x) for x in [
+                name(t), r.get("label"), r.get("connections"), r.get("connect_secs"), r.get("statuses_converged_secs"),
+                r.get("online_set_ok"), r.get("server_cpu_secs"), r.get("server_rss_peak_mib"),
+                f"{r.get('status_events_received')} / {r.get('status_changes_received')}",
+                rc.get("reconnect_secs") if rc.get("all_back") else f"not all back ({rc.get('streams_back')}/{rc.get('streams_ended')})" if rc else "-",
+                rc.get("online_set_ok", "-"), rc.get("server_cpu_secs", "-"),
+            ]) + " |")
+        lines.append("")
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -221,6 +269,8 @@ def main():
     row += ["0", "yes" if ol == 0 else "**no**"]
     lines.append("| " + " | ".join(row) + " |")
     lines.append("")
+
+    lines += storm_tables(a.out, targets, runs, name)
 
     if noisy:
         lines.append(f"Left out (other processes above {a.max_other} cores in a measured window): " + "; ".join(noisy) + "\n")
