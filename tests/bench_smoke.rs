@@ -229,6 +229,8 @@ async fn storm_reports_the_storm_and_the_watchers_online_set_is_the_truth() {
             "storm",
             "--subs",
             "50",
+            "--status-timeout-secs",
+            "20",
             "--server-pid",
             &pid,
             "--metrics",
@@ -290,7 +292,7 @@ async fn storm_restart_reconnects_every_stream_and_statuses_converge() {
     // Starts the server in the background (its output to a file, so the command's stdout closes), prints
     // its pid.
     let start = format!(
-        "env -u REDIS_URL '{exe}' --listen {addr} --jwt-secret {SECRET} >>'{log}' 2>&1 & echo $! > '{pid}'; cat '{pid}'",
+        "env -u REDIS_URL '{exe}' --listen {addr} --jwt-secret {SECRET} >>'{log}' 2>&1 </dev/null & echo $! > '{pid}'; cat '{pid}'",
         log = dir.join("server.log").display(),
         pid = pidfile.display(),
     );
@@ -314,6 +316,12 @@ async fn storm_restart_reconnects_every_stream_and_statuses_converge() {
         .arg("bench")
         .args(["--addr", &url, "--jwt-secret", SECRET])
         .args(["--workload", "storm", "--subs", "30", "--quiet"])
+        .args([
+            "--status-timeout-secs",
+            "20",
+            "--connect-timeout-secs",
+            "30",
+        ])
         .args(["--restart-cmd", &restart])
         .env_remove("LAMPLIGHT_ADDR")
         .stdin(Stdio::null())

@@ -498,6 +498,11 @@ async fn reconnect(
     fields.insert("restart_cmd_secs".into(), json!(round3(restart_cmd_secs)));
     fields.insert("all_back".into(), json!(all_back));
     fields.insert("reconnect_secs".into(), json!(round3(reconnect_secs)));
+    // From the moment the command returned (the new servers started): the reconnect proper.
+    fields.insert(
+        "reconnect_after_restart_secs".into(),
+        json!(round3(reconnect_secs - restart_cmd_secs)),
+    );
     fields.insert("streams_ended".into(), json!(ended));
     fields.insert("streams_back".into(), json!(back));
     fields.insert("new_server_pids".into(), json!(pids));
