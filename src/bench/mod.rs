@@ -22,7 +22,8 @@
 //! falls behind, or a stream ends), then bisects, and reports the highest sustained deliveries/s.
 //!
 //! Modules: [`workload`] (who subscribes to what), [`subscriber`], [`publisher`], [`tally`] (what
-//! arrived), [`step`] (fixed-rate steps and the search), [`procfs`], [`scrape`], [`report`].
+//! arrived), [`step`] (fixed-rate steps and the search), [`storm`] (the connect storm and the mass
+//! reconnect), [`procfs`], [`scrape`], [`report`].
 
 mod procfs;
 mod publisher;
