@@ -1,6 +1,7 @@
 //! `GetPresence` paging: the page size and the opaque cursor between pages.
 //!
-//! The cursor is the URL-safe base64 (no padding) of the last user id of the previous page: pages are
+//! The cursor is the URL-safe base64 (no padding) of [`PREFIX`] and the last user id of the previous page
+//! (the prefix tells a cursor from other base64, and leaves room for another format later): pages are
 //! in user-id order, so the next page starts after it, whoever joined or left in between. Clients must
 //! treat it as opaque; it is validated, not trusted.
 
@@ -15,6 +16,9 @@ pub(super) const MAX_LIMIT: usize = 1_000;
 /// Longest `page_token` accepted, in bytes (a user id of 1,536 bytes, far above any real `sub`).
 const MAX_TOKEN_LEN: usize = 2_048;
 
+/// What every cursor starts with, before base64.
+const PREFIX: &str = "u:";
+
 const ENGINE: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 /// The page size for a requested `limit`: 0 means [`DEFAULT_LIMIT`], above [`MAX_LIMIT`] is clamped.
@@ -27,7 +31,7 @@ pub(super) fn limit(requested: u32) -> usize {
 
 /// The cursor after `last_user`.
 pub(super) fn encode(last_user: &str) -> String {
-    ENGINE.encode(last_user)
+    ENGINE.encode(format!("{PREFIX}{last_user}"))
 }
 
 /// The user the page starts after: `None` for an empty token (the first page).
@@ -46,8 +50,9 @@ pub(super) fn decode(token: &str) -> Result<Option<String>, ServiceError> {
         return Err(refuse());
     }
     let bytes = ENGINE.decode(token).map_err(|_| refuse())?;
-    match String::from_utf8(bytes) {
-        Ok(user) if !user.is_empty() => Ok(Some(user)),
+    let text = String::from_utf8(bytes).map_err(|_| refuse())?;
+    match text.strip_prefix(PREFIX) {
+        Some(user) if !user.is_empty() => Ok(Some(user.to_owned())),
         _ => Err(refuse()),
     }
 }
@@ -73,6 +78,9 @@ mod tests {
             "=",
             &"A".repeat(MAX_TOKEN_LEN + 4),
             &ENGINE.encode([0xff, 0xfe]),
+            "AA",
+            &ENGINE.encode("u:"),
+            &ENGINE.encode("x:u1"),
         ] {
             assert!(
                 matches!(decode(bad), Err(ServiceError::InvalidArgument(_))),
