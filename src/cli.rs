@@ -216,6 +216,12 @@ pub struct PresenceArgs {
     /// The room.
     #[arg(long)]
     pub room: String,
+    /// User ids per page (0: the server's default, 100; at most 1,000).
+    #[arg(long, default_value_t = 0)]
+    pub limit: u32,
+    /// The page after the one that printed this `next_page_token` (empty: the first page).
+    #[arg(long, default_value = "")]
+    pub page_token: String,
     /// Server and token.
     #[command(flatten)]
     pub connect: ConnectArgs,

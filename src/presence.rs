@@ -56,13 +56,59 @@ impl Default for ConnectionIds {
     }
 }
 
-/// Who is in a room.
+/// Which of a room's users to list: those after `after` in user-id order, at most `limit`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageRequest {
+    /// The last user of the previous page; `None` for the first page.
+    pub after: Option<String>,
+    /// Users listed at most (at least 1 is listed when any follow).
+    pub limit: usize,
+}
+
+impl PageRequest {
+    /// Every user on one page (tests and small rooms).
+    pub fn all() -> Self {
+        Self {
+            after: None,
+            limit: usize::MAX,
+        }
+    }
+}
+
+/// Who is in a room: totals, and one page of its users.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PresenceSnapshot {
-    /// Distinct users, sorted.
+    /// This page's distinct users, sorted.
     pub user_ids: Vec<String>,
-    /// Open connections (a user with two tabs counts twice).
+    /// Distinct users in the room, on every page.
+    pub user_count: u32,
+    /// Open connections in the room (a user with two tabs counts twice).
     pub connections: u32,
+    /// The last user of this page when more users follow it, to ask for the next page with.
+    pub more_after: Option<String>,
+}
+
+impl PresenceSnapshot {
+    /// The page `page` asks for out of a room's `users` (sorted and distinct, `user_count` of them).
+    pub fn page<'a>(
+        users: impl Iterator<Item = &'a String>,
+        user_count: usize,
+        connections: u32,
+        page: &PageRequest,
+    ) -> Self {
+        let mut rest = users.skip_while(|u| page.after.as_ref().is_some_and(|after| *u <= after));
+        let user_ids: Vec<String> = rest.by_ref().take(page.limit.max(1)).cloned().collect();
+        let more_after = match rest.next() {
+            Some(_) => user_ids.last().cloned(),
+            None => None,
+        };
+        Self {
+            user_ids,
+            user_count: u32::try_from(user_count).unwrap_or(u32::MAX),
+            connections,
+            more_after,
+        }
+    }
 }
 
 /// A status change to publish after [`PresenceTable::connect`] or [`PresenceTable::disconnect`].
@@ -177,15 +223,23 @@ impl PresenceTable {
         changes
     }
 
-    /// Who is in `room`.
-    pub fn snapshot(&self, room: &str) -> PresenceSnapshot {
-        self.rooms
-            .get(room)
-            .map(|users| PresenceSnapshot {
-                user_ids: users.keys().cloned().collect(),
-                connections: users.values().sum(),
-            })
-            .unwrap_or_default()
+    /// Who is in `room`: totals and the page asked for. Costs O(users in the room) for the connection
+    /// total, and a range of the sorted map for the page.
+    pub fn snapshot(&self, room: &str, page: &PageRequest) -> PresenceSnapshot {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let Some(users) = self.rooms.get(room) else {
+            return PresenceSnapshot::default();
+        };
+        let from = match &page.after {
+            Some(after) => (Excluded(after.clone()), Unbounded),
+            None => (Unbounded, Unbounded),
+        };
+        PresenceSnapshot::page(
+            users.range(from).map(|(u, _)| u),
+            users.len(),
+            users.values().sum(),
+            page,
+        )
     }
 }
 
@@ -218,17 +272,38 @@ mod tests {
         assert_eq!(t.connect(&member("u1", 2), &rooms), Transition::None);
         assert_eq!(t.connect(&member("u2", 3), &rooms), Transition::Online);
         assert_eq!(
-            t.snapshot("tenant:t1"),
+            t.snapshot("tenant:t1", &PageRequest::all()),
             PresenceSnapshot {
                 user_ids: vec!["u1".into(), "u2".into()],
-                connections: 3
+                user_count: 2,
+                connections: 3,
+                more_after: None,
             }
         );
+        let first = PageRequest {
+            after: None,
+            limit: 1,
+        };
+        let page = t.snapshot("tenant:t1", &first);
+        assert_eq!((page.user_ids, page.user_count), (vec!["u1".into()], 2));
+        assert_eq!(page.more_after.as_deref(), Some("u1"));
+        let next = PageRequest {
+            after: page.more_after,
+            limit: 1,
+        };
+        let page = t.snapshot("tenant:t1", &next);
+        assert_eq!((page.user_ids, page.more_after), (vec!["u2".into()], None));
         assert_eq!(t.disconnect(&member("u1", 1), &rooms), Transition::None);
         assert_eq!(t.disconnect(&member("u1", 2), &rooms), Transition::Offline);
-        assert_eq!(t.snapshot("tenant:t1").user_ids, vec!["u2".to_owned()]);
+        assert_eq!(
+            t.snapshot("tenant:t1", &PageRequest::all()).user_ids,
+            vec!["u2".to_owned()]
+        );
         assert_eq!(t.disconnect(&member("u2", 3), &rooms), Transition::Offline);
-        assert_eq!(t.snapshot("tenant:t1"), PresenceSnapshot::default());
+        assert_eq!(
+            t.snapshot("tenant:t1", &PageRequest::all()),
+            PresenceSnapshot::default()
+        );
         assert!(t.rooms.is_empty() && t.users.is_empty());
     }
 

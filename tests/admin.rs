@@ -169,6 +169,7 @@ async fn unsubscribe_reaches_streams(a: &TestServer, b: &TestServer) {
             user_count: 1,
             connection_count: 2,
             user_ids: vec!["u1".into()],
+            next_page_token: String::new(),
         }
     );
 

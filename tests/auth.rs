@@ -121,6 +121,7 @@ async fn no_metadata_is_refused_on_every_call() {
     let presence = client
         .get_presence(GetPresenceRequest {
             room: "tenant:t1".into(),
+            ..Default::default()
         })
         .await;
     expect_status(presence, Code::Unauthenticated, &["missing authorization"]);

@@ -267,7 +267,46 @@ async fn presence_prints_json() {
     let presence: Value = serde_json::from_str(out.stdout.trim()).unwrap();
     assert_eq!(
         presence,
-        json!({"room": PROJECT, "user_count": 1, "connection_count": 1, "user_ids": ["u1"]})
+        json!({"room": PROJECT, "user_count": 1, "connection_count": 1, "user_ids": ["u1"],
+               "next_page_token": ""})
+    );
+
+    // Pages: `--limit`, and `--page-token` from the previous page's `next_page_token`.
+    let other = ["--sub", "u2", "--tid", "t1", "--projects", "p1"];
+    let _sub2 = Subscriber::start(&[&["--room", PROJECT][..], &other].concat(), &at(&server)).await;
+    let page = |token: String| {
+        let args: Vec<String> = [
+            "presence",
+            "--room",
+            PROJECT,
+            "--limit",
+            "1",
+            "--page-token",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .chain([token])
+        .chain(user.iter().map(|a| a.to_string()))
+        .collect();
+        let server = &server;
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = run(&args, &at(server)).await;
+            assert_eq!(out.code, 0, "{}", out.stderr);
+            serde_json::from_str::<Value>(out.stdout.trim()).unwrap()
+        }
+    };
+    let first = page(String::new()).await;
+    assert_eq!(
+        (&first["user_ids"], &first["user_count"]),
+        (&json!(["u1"]), &json!(2))
+    );
+    let token = first["next_page_token"].as_str().unwrap().to_owned();
+    assert!(!token.is_empty(), "{first}");
+    let second = page(token).await;
+    assert_eq!(
+        (&second["user_ids"], &second["next_page_token"]),
+        (&json!(["u2"]), &json!(""))
     );
 }
 

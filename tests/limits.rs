@@ -136,6 +136,7 @@ async fn try_new_connection(server: &TestServer, token: &str) -> Result<(), Stri
         );
     let req = lamplight::proto::v1::GetPresenceRequest {
         room: PROJECT.into(),
+        ..Default::default()
     };
     client
         .get_presence(req)

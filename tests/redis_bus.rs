@@ -305,7 +305,10 @@ async fn presence_and_statuses_are_cluster_wide() {
     for server in [&a, &b] {
         let mut c = server.client(&user_token("u3")).await;
         let p = c
-            .get_presence(GetPresenceRequest { room: ROOM.into() })
+            .get_presence(GetPresenceRequest {
+                room: ROOM.into(),
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
@@ -321,7 +324,10 @@ async fn presence_and_statuses_are_cluster_wide() {
     expect_status("u1", user_status::Status::Offline).await;
     let mut c = a.client(&user_token("u3")).await;
     let p = c
-        .get_presence(GetPresenceRequest { room: ROOM.into() })
+        .get_presence(GetPresenceRequest {
+            room: ROOM.into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

@@ -126,6 +126,7 @@ async fn delivery_resume_subscriptions_idempotency_and_presence_on_a_cluster() {
         .await
         .get_presence(GetPresenceRequest {
             room: rooms[0].into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -55,7 +55,10 @@ async fn presence(server_url: &str) -> Vec<String> {
             Ok(req)
         });
     client
-        .get_presence(GetPresenceRequest { room: ROOM.into() })
+        .get_presence(GetPresenceRequest {
+            room: ROOM.into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()

@@ -582,9 +582,12 @@ async fn get_presence_and_subscribe_share_the_room_policy() {
     let server = TestServer::start().await;
     let mut u1 = server.client(&user_token("u1")).await;
     for room in U1_ROOMS {
-        u1.get_presence(GetPresenceRequest { room: room.into() })
-            .await
-            .unwrap_or_else(|s| panic!("{room}: {s:?}"));
+        u1.get_presence(GetPresenceRequest {
+            room: room.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("{room}: {s:?}"));
     }
     for room in ["user:u2", "tenant:t2", "tenant:t1:project:p2"] {
         expect_status(

@@ -22,7 +22,7 @@ use super::{
     IDEMPOTENCY_TTL,
 };
 use crate::metrics::ROOMS_LOCAL;
-use crate::presence::{Member, PresenceSnapshot, PresenceTable, Transition};
+use crate::presence::{Member, PageRequest, PresenceSnapshot, PresenceTable, Transition};
 use crate::proto::v1::Event;
 use crate::statuses::{diff_event, Settle, StatusSettings, StatusWindow, MAX_CHANGES_PER_EVENT};
 
@@ -394,8 +394,8 @@ impl Bus for MemoryBus {
         Ok(())
     }
 
-    async fn presence(&self, room: &str) -> Result<PresenceSnapshot, BusError> {
-        Ok(lock(&self.inner.presence).snapshot(room))
+    async fn presence(&self, room: &str, page: &PageRequest) -> Result<PresenceSnapshot, BusError> {
+        Ok(lock(&self.inner.presence).snapshot(room, page))
     }
 
     fn name(&self) -> &'static str {

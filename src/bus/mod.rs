@@ -26,7 +26,7 @@ use async_trait::async_trait;
 pub use sink::{sink, sink_with_bytes, Sink, SinkReceiver};
 
 use crate::auth::Revocation;
-use crate::presence::{Member, PresenceSnapshot};
+use crate::presence::{Member, PageRequest, PresenceSnapshot};
 use crate::proto::v1::{event::Payload, Event};
 use crate::wire::SharedResponse;
 
@@ -247,8 +247,8 @@ pub trait Bus: Send + Sync + 'static {
     /// [`Bus::connect`]).
     async fn disconnect(&self, member: &Member, rooms: &[String]) -> Result<(), BusError>;
 
-    /// Distinct users and connections in a room.
-    async fn presence(&self, room: &str) -> Result<PresenceSnapshot, BusError>;
+    /// Distinct users and connections in a room (totals), and the page of its users `page` asks for.
+    async fn presence(&self, room: &str, page: &PageRequest) -> Result<PresenceSnapshot, BusError>;
 
     /// Says goodbye before the process exits: removes every connection of this node from presence
     /// (publishing OFFLINE at once for users with no other connection anywhere) and the node itself from

@@ -375,13 +375,14 @@ async fn presence(args: PresenceArgs) -> Result<(), CommandError> {
     let addr = args.connect.addr.clone();
     let client = connect(&args.connect, ClientConfig::default()).await?;
     let presence = client
-        .presence(&args.room)
+        .presence_page(&args.room, args.limit, &args.page_token)
         .await
         .map_err(|e| client_error(e, &addr))?;
     println!(
         "{}",
         json!({"room": args.room, "user_count": presence.user_count,
-               "connection_count": presence.connection_count, "user_ids": presence.user_ids})
+               "connection_count": presence.connection_count, "user_ids": presence.user_ids,
+               "next_page_token": presence.next_page_token})
     );
     Ok(())
 }

@@ -370,9 +370,26 @@ impl Client {
         self.publisher.publish(event, idempotency_key.into())
     }
 
-    /// Who is subscribed to `room` now. One attempt (after a token refresh if the token was refused).
+    /// Who is subscribed to `room` now: the totals and the first page of user ids (the server's default
+    /// size, 100). One attempt (after a token refresh if the token was refused).
     pub async fn presence(&self, room: &str) -> Result<GetPresenceResponse, ClientError> {
-        let message = GetPresenceRequest { room: room.into() };
+        self.presence_page(room, 0, "").await
+    }
+
+    /// One page of who is subscribed to `room`: at most `limit` user ids (0: the server's default, 100;
+    /// at most 1,000) after `page_token` (empty for the first page, else the previous response's
+    /// `next_page_token`, which is empty on the last page). Totals are on every page. One attempt.
+    pub async fn presence_page(
+        &self,
+        room: &str,
+        limit: u32,
+        page_token: &str,
+    ) -> Result<GetPresenceResponse, ClientError> {
+        let message = GetPresenceRequest {
+            room: room.into(),
+            limit,
+            page_token: page_token.into(),
+        };
         self.unary(message, Shared::grpc, |mut grpc, req| async move {
             grpc.get_presence(req).await
         })

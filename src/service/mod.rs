@@ -1,6 +1,7 @@
 //! The `lamplight.v1.EventService` implementation: request validation, policy checks, and calls into the
 //! [`Bus`]. It never knows which bus is running. Authentication already happened (see [`crate::auth`]).
 
+mod presence_page;
 mod subscribe;
 
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use crate::error::ServiceError;
 use crate::limits::UserStreams;
 use crate::metrics::{EVENTS_PUBLISHED, PUBLISH_DURATION};
 use crate::policy;
-use crate::presence::ConnectionIds;
+use crate::presence::{ConnectionIds, PageRequest};
 use crate::proto::server::event_service_server::EventService;
 use crate::proto::v1::{
     event::Payload, Event, GetPresenceRequest, GetPresenceResponse, PublishRequest,
@@ -192,11 +193,20 @@ impl EventApi {
         req: GetPresenceRequest,
     ) -> Result<GetPresenceResponse, ServiceError> {
         let room = authorize(p, &req.room, policy::may_join)?;
-        let snapshot = self.inner.bus.presence(&room.to_string()).await?;
+        let page = PageRequest {
+            after: presence_page::decode(&req.page_token)?,
+            limit: presence_page::limit(req.limit),
+        };
+        let snapshot = self.inner.bus.presence(&room.to_string(), &page).await?;
         Ok(GetPresenceResponse {
-            user_count: u32::try_from(snapshot.user_ids.len()).unwrap_or(u32::MAX),
+            user_count: snapshot.user_count,
             connection_count: snapshot.connections,
             user_ids: snapshot.user_ids,
+            next_page_token: snapshot
+                .more_after
+                .as_deref()
+                .map(presence_page::encode)
+                .unwrap_or_default(),
         })
     }
 }

@@ -262,7 +262,10 @@ pub async fn get_presence(
     client: &mut Client,
     room: &str,
 ) -> Result<lamplight::proto::v1::GetPresenceResponse, tonic::Status> {
-    let req = lamplight::proto::v1::GetPresenceRequest { room: room.into() };
+    let req = lamplight::proto::v1::GetPresenceRequest {
+        room: room.into(),
+        ..Default::default()
+    };
     Ok(client.get_presence(req).await?.into_inner())
 }
 

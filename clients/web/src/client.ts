@@ -134,10 +134,24 @@ export interface RetryNotice {
 }
 
 /** Who is connected to a room. */
+/** A room's presence: totals, and one page of its users (sorted by id). */
 export interface Presence {
+  /** This page's users (by default the first 100). */
   userIds: string[];
+  /** Distinct users in the room: the total, on every page. */
   userCount: number;
+  /** Open streams in the room: the total, on every page. */
   connectionCount: number;
+  /** Pass as `pageToken` for the next page; empty on the last page. */
+  nextPageToken: string;
+}
+
+/** Which page of a room's users `getPresence` returns. */
+export interface PresencePage {
+  /** Users per page: the server's default (100) when absent or 0; the server clamps it to 1,000. */
+  limit?: number;
+  /** The previous page's `nextPageToken`; absent or empty for the first page. */
+  pageToken?: string;
 }
 
 /** Counters, for diagnostics and tests. */
@@ -206,8 +220,11 @@ export interface Lamplight {
   setTyping(channelRoom: string, isTyping: boolean): void;
   /** Users typing in a room now (not the current user). */
   typingUsers(room: string): string[];
-  /** Who is connected to a room. */
-  getPresence(room: string): Promise<Presence>;
+  /**
+   * Who is connected to a room: totals, and a page of user ids (the first 100 unless `page` says
+   * otherwise). A malformed `pageToken` rejects with INVALID_ARGUMENT.
+   */
+  getPresence(room: string, page?: PresencePage): Promise<Presence>;
   /** `tenant:{tid}:project:{pid}` for the token's tenant (undefined until the identity is known). */
   projectRoom(projectId: string): string | undefined;
   /** `tenant:{tid}:channel:{cid}` for the token's tenant (undefined until the identity is known). */
@@ -395,9 +412,15 @@ class LamplightClient implements Lamplight {
     return this.typingTracker.typing(room);
   }
 
-  async getPresence(room: string): Promise<Presence> {
-    const res = await this.unary((headers) => this.rpc.getPresence({ room }, { headers }));
-    return { userIds: [...res.userIds], userCount: res.userCount, connectionCount: res.connectionCount };
+  async getPresence(room: string, page: PresencePage = {}): Promise<Presence> {
+    const request = { room, limit: page.limit ?? 0, pageToken: page.pageToken ?? "" };
+    const res = await this.unary((headers) => this.rpc.getPresence(request, { headers }));
+    return {
+      userIds: [...res.userIds],
+      userCount: res.userCount,
+      connectionCount: res.connectionCount,
+      nextPageToken: res.nextPageToken,
+    };
   }
 
   projectRoom(projectId: string): string | undefined {

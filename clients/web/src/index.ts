@@ -20,6 +20,7 @@ export {
   type LamplightOptions,
   type LamplightStats,
   type Presence,
+  type PresencePage,
   type RemovedNotice,
   type ResetNotice,
   type RetryNotice,

@@ -55,7 +55,7 @@ use super::{
 };
 use crate::auth::{Revocation, MAX_REVOCATIONS};
 use crate::bus::IDEMPOTENCY_TTL;
-use crate::presence::{Member, PresenceSnapshot};
+use crate::presence::{Member, PageRequest, PresenceSnapshot};
 use crate::proto::v1::Event;
 use crate::statuses::{diff_event, Settle, StatusSettings, StatusWindow, MAX_CHANGES_PER_EVENT};
 use crate::wire::SharedResponse;
@@ -385,8 +385,8 @@ impl Bus for RedisBus {
         self.presence.disconnect(&self.cmd, member).await
     }
 
-    async fn presence(&self, room: &str) -> Result<PresenceSnapshot, BusError> {
-        self.presence.snapshot(&self.cmd, room).await
+    async fn presence(&self, room: &str, page: &PageRequest) -> Result<PresenceSnapshot, BusError> {
+        self.presence.snapshot(&self.cmd, room, page).await
     }
 
     async fn shutdown(&self) -> Result<(), BusError> {

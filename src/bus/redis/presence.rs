@@ -43,7 +43,7 @@ use super::conn::{bounded, Conn};
 use super::keys::{self, RoomKeys};
 use super::scripts;
 use crate::bus::BusError;
-use crate::presence::{Member, PresenceSnapshot};
+use crate::presence::{Member, PageRequest, PresenceSnapshot};
 use crate::statuses::StatusWindow;
 
 /// Redis calls the heartbeat runs at once.
@@ -289,11 +289,16 @@ impl Presence {
         bounded(self.timeout, "presence leave", pipe.exec_async(&mut c)).await
     }
 
-    /// Users and connections in `room`, across all nodes.
+    /// Users and connections in `room`, across all nodes, and the page of users `page` asks for.
+    ///
+    /// Reads the room's live entries in one command and pages them here: the totals need every entry
+    /// anyway (users are distinct across connections and nodes), so this costs O(connections in the
+    /// room) in Redis and on the wire to this node, O(page) in the response.
     pub(crate) async fn snapshot(
         &self,
         conn: &Conn,
         room: &str,
+        page: &PageRequest,
     ) -> Result<PresenceSnapshot, BusError> {
         let key = RoomKeys::new(room).presence;
         let mut c = conn.clone();
@@ -312,10 +317,12 @@ impl Presence {
                 connections = connections.saturating_add(1);
             }
         }
-        Ok(PresenceSnapshot {
-            user_ids: users.into_iter().collect(),
-            connections,
-        })
+        let from = match &page.after {
+            Some(after) => users
+                .range::<String, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
+            None => users.range::<String, _>(..),
+        };
+        Ok(PresenceSnapshot::page(from, users.len(), connections, page))
     }
 
     /// Until `cancel` or [`Self::shutdown`]: refreshes the node's registry entry and reaps dead nodes every

@@ -400,8 +400,20 @@ export interface PresenceState extends Presence {
   refresh: () => void;
 }
 
+/** Every page of `room`'s presence, 1,000 users per call: the diffs below apply to the whole list. */
+async function allPresence(client: Lamplight, room: string): Promise<Presence> {
+  let page = await client.getPresence(room, { limit: 1000 });
+  const userIds = [...page.userIds];
+  while (page.nextPageToken) {
+    page = await client.getPresence(room, { limit: 1000, pageToken: page.nextPageToken });
+    userIds.push(...page.userIds);
+  }
+  return { ...page, userIds, userCount: userIds.length, nextPageToken: "" };
+}
+
 /**
- * Who is connected to `room` (e.g. `tenant:{tid}` for everyone online). Fetched when mounted, whenever
+ * Who is connected to `room` (e.g. `tenant:{tid}` for everyone online), every user (fetched 1,000 per
+ * call). Fetched when mounted, whenever
  * the connection is (re-)established and every `refreshMs`. In between, the tenant's status diffs
  * (`user.status` events, received when the client is subscribed to `tenant:{tid}`) are applied as they
  * come: to a tenant room's list in full; to another room of the tenant, a user who went offline leaves
@@ -412,7 +424,12 @@ export function usePresence(room: string | undefined, options: { refreshMs?: num
   const client = useLamplightClient();
   const { state } = useLamplight();
   const refreshMs = options.refreshMs ?? 15_000;
-  const [presence, setPresence] = useState<Presence>({ userIds: [], userCount: 0, connectionCount: 0 });
+  const [presence, setPresence] = useState<Presence>({
+    userIds: [],
+    userCount: 0,
+    connectionCount: 0,
+    nextPageToken: "",
+  });
   const [loading, setLoading] = useState(true);
   const [error, setError] = useState<Error | undefined>();
   const [tick, setTick] = useState(0);
@@ -422,7 +439,7 @@ export function usePresence(room: string | undefined, options: { refreshMs?: num
   useEffect(() => {
     if (!room || !connected) return;
     let live = true;
-    client.getPresence(room).then(
+    allPresence(client, room).then(
       (p) => {
         if (!live) return;
         setPresence(p);
