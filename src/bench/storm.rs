@@ -218,16 +218,28 @@ async fn watch_once(
             None => anyhow::bail!("the stream ended before Subscribed"),
         }
     }
-    let mut request = Request::new(GetPresenceRequest {
-        room: tenant_room(),
-    });
-    request
-        .metadata_mut()
-        .insert("authorization", authorization.clone());
-    let snapshot = grpc.get_presence(request).await?.into_inner();
+    // Every page of the tenant's presence (GetPresence pages its ids).
+    let mut online = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let mut request = Request::new(GetPresenceRequest {
+            room: tenant_room(),
+            limit: 1000,
+            page_token: std::mem::take(&mut page_token),
+        });
+        request
+            .metadata_mut()
+            .insert("authorization", authorization.clone());
+        let page = grpc.get_presence(request).await?.into_inner();
+        online.extend(page.user_ids);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
     {
         let mut v = lock(view);
-        v.online = snapshot.user_ids.into_iter().collect();
+        v.online = online.into_iter().collect();
         v.subscriptions += 1;
         apply(&mut v.online, early);
     }
