@@ -125,7 +125,7 @@ async fn join(client: &mut Client) -> Streaming<SubscribeResponse> {
 
 /// `GetPresence` of [`ROOM`], asked of `client`'s node.
 async fn present(client: &mut Client) -> Vec<String> {
-    get_presence(client, ROOM).await.unwrap().user_ids
+    all_present(client, ROOM).await
 }
 
 /// Watches `tenant:t1` statuses (other than the watcher's own) and `marker` events, one change at a

@@ -38,10 +38,8 @@ async fn open(server: &TestServer, user: &str) -> Streaming<SubscribeResponse> {
 
 async fn tenant_users(server: &TestServer) -> BTreeSet<String> {
     let mut svc = server.client(&publisher_token()).await;
-    get_presence(&mut svc, "tenant:t1")
+    all_present(&mut svc, "tenant:t1")
         .await
-        .unwrap()
-        .user_ids
         .into_iter()
         .collect()
 }

@@ -269,6 +269,29 @@ pub async fn get_presence(
     Ok(client.get_presence(req).await?.into_inner())
 }
 
+/// Every user id in `room`, across all pages of `GetPresence` (a page holds at most 1,000).
+pub async fn all_present(client: &mut Client, room: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let req = lamplight::proto::v1::GetPresenceRequest {
+            room: room.into(),
+            limit: 1000,
+            page_token: std::mem::take(&mut page_token),
+        };
+        let page = client
+            .get_presence(req)
+            .await
+            .expect("GetPresence")
+            .into_inner();
+        ids.extend(page.user_ids);
+        if page.next_page_token.is_empty() {
+            return ids;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
 // ---- delivery helpers (tests/delivery.rs, tests/streams.rs, tests/shutdown.rs) ----
 
 /// A `task.created` event for `room` whose task id is `task_id` (id, time and publisher are left to the
