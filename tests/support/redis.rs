@@ -241,6 +241,26 @@ impl Drop for RedisServer {
     }
 }
 
+/// Joins the redis-servers on `ports` into a cluster of masters (no replicas) with `redis-cli
+/// [cli_args] --cluster create`.
+fn create_cluster(ports: impl Iterator<Item = u16>, cli_args: &[&str]) {
+    let addrs: Vec<String> = ports.map(|port| format!("127.0.0.1:{port}")).collect();
+    let out = Command::new("redis-cli")
+        .args(cli_args)
+        .arg("--cluster")
+        .arg("create")
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run redis-cli: {e}; {INSTALL}"));
+    assert!(
+        out.status.success(),
+        "redis-cli {cli_args:?} --cluster create failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A Redis Cluster of three masters (no replicas), each a private redis-server.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
@@ -281,23 +301,7 @@ impl RedisCluster {
         for node in &nodes {
             node.wait_ready().await;
         }
-        let addrs: Vec<String> = nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
-        let out = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run redis-cli: {e}; {INSTALL}"));
-        assert!(
-            out.status.success(),
-            "redis-cli --cluster create failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        create_cluster(nodes.iter().map(|n| n.port), &[]);
         let cluster = Self { nodes };
         cluster.wait_ok().await;
         cluster
@@ -740,27 +744,20 @@ impl TlsRedisCluster {
         for node in &nodes {
             node.wait_ready().await;
         }
-        let addrs: Vec<String> = nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
         let (user, pass) = ready_user.split_once(':').expect("user:password");
-        let out = Command::new("redis-cli")
-            .arg("--tls")
-            .arg("--cacert")
-            .arg(&files.ca_file)
-            .args(["--user", user, "--pass", pass, "--no-auth-warning"])
-            .arg("--cluster")
-            .arg("create")
-            .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run redis-cli: {e}; {INSTALL}"));
-        assert!(
-            out.status.success(),
-            "redis-cli --tls --cluster create failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        let ca = files.ca_file.to_string_lossy();
+        create_cluster(
+            nodes.iter().map(|n| n.port),
+            &[
+                "--tls",
+                "--cacert",
+                &ca,
+                "--user",
+                user,
+                "--pass",
+                pass,
+                "--no-auth-warning",
+            ],
         );
         let cluster = Self { nodes };
         cluster.wait_ok().await;
