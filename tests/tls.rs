@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
 use lamplight::proto::v1::event_service_client::EventServiceClient;
-use lamplight::proto::v1::{PublishRequest, SubscribeRequest};
+use lamplight::proto::v1::PublishRequest;
 use prost::Message as _;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -191,21 +191,46 @@ async fn grpc_over_h2_and_grpc_web_over_http1_on_one_tls_port() {
     assert!(text.contains("grpc-status:0"), "{text:?}");
     assert_eq!(next_event(&mut stream).await.room, ROOM);
 
-    // Plain HTTP/2 against the TLS port gets nowhere.
+    // Plain HTTP/2 against the TLS port gets nowhere, even with a valid token.
     let plain = tokio::time::timeout(
         Duration::from_secs(5),
         Endpoint::from_shared(server.url()).unwrap().connect(),
     )
-    .await;
-    if let Ok(Ok(channel)) = plain {
-        let mut c = EventServiceClient::new(channel);
-        let r = c
-            .subscribe(SubscribeRequest {
-                rooms: vec![ROOM.into()],
-                since: Default::default(),
-            })
-            .await;
-        assert!(r.is_err(), "plaintext gRPC must not work on the TLS port");
+    .await
+    .expect("plaintext connect answered in time");
+    let plain = plain.map(|channel| {
+        let header: tonic::metadata::MetadataValue<_> =
+            format!("Bearer {}", publisher_token()).parse().unwrap();
+        EventServiceClient::with_interceptor(
+            channel,
+            Box::new(move |mut req: tonic::Request<()>| {
+                req.metadata_mut().insert("authorization", header.clone());
+                Ok(req)
+            }) as Interceptor,
+        )
+    });
+    refused_by_transport(plain, "plaintext gRPC on the TLS port").await;
+}
+
+type Interceptor =
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+
+/// The connection (or the first call on it, with a valid publisher token) failed in the transport, not
+/// in authentication or policy: TLS refused it.
+async fn refused_by_transport(client: Result<Client, tonic::transport::Error>, what: &str) {
+    let mut client = match client {
+        Err(_) => return,
+        Ok(client) => client,
+    };
+    match publish_task(&mut client, ROOM, "must-not-arrive").await {
+        Ok(id) => panic!("{what}: accepted (published {id})"),
+        Err(status) => assert!(
+            !matches!(
+                status.code(),
+                Code::Unauthenticated | Code::PermissionDenied | Code::InvalidArgument
+            ),
+            "{what}: refused by the service, not by TLS: {status:?}"
+        ),
     }
 }
 
@@ -298,12 +323,19 @@ async fn client_certificates_add_to_tokens() {
         Some(&publisher_token()),
     )
     .await;
-    if let Ok(mut c) = stranger {
-        assert!(
-            publish_task(&mut c, ROOM, "x").await.is_err(),
-            "a certificate from another CA must not be accepted"
-        );
-    }
+    refused_by_transport(stranger, "a client certificate from another CA").await;
+    // A certificate of the configured CA is accepted.
+    let mut known = tls_client(
+        optional.addr,
+        &tls.ca,
+        Some(&service_cert),
+        Some(&publisher_token()),
+    )
+    .await
+    .unwrap();
+    publish_task(&mut known, ROOM, "known-certificate")
+        .await
+        .expect("a certificate of the client CA is accepted when optional");
 
     // Required: no certificate, no connection; a good certificate still needs a token.
     let required = TestServer::start_with(|c| {
@@ -312,10 +344,11 @@ async fn client_certificates_add_to_tokens() {
         c.tls.tls_client_cert_required = true;
     })
     .await;
-    match tls_client(required.addr, &tls.ca, None, Some(&publisher_token())).await {
-        Err(_) => {}
-        Ok(mut c) => assert!(publish_task(&mut c, ROOM, "x").await.is_err()),
-    }
+    refused_by_transport(
+        tls_client(required.addr, &tls.ca, None, Some(&publisher_token())).await,
+        "no client certificate where one is required",
+    )
+    .await;
     let mut no_token = tls_client(required.addr, &tls.ca, Some(&service_cert), None)
         .await
         .unwrap();
@@ -350,14 +383,14 @@ async fn no_start_with_an_unusable_certificate() {
         ),
         (
             Box::new(|c| c.tls.tls_key_file = Some(tls.dir.write("bad.key", "garbage"))),
-            "key",
+            "key PEM",
         ),
         (
             Box::new(|c| {
                 let other = tls.ca.issue(&["localhost"]);
                 c.tls.tls_key_file = Some(tls.dir.write("other.key", &other.key_pem));
             }),
-            "TLS certificate",
+            "keys may not be consistent",
         ),
     ];
     for (tweak, needle) in cases {
@@ -426,5 +459,7 @@ async fn the_rust_client_and_the_cli_speak_https_with_a_ca_file() {
         other => panic!("expected the CLI's event, got {other:?}"),
     }
     let out = cli(None).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "an untrusted certificate must fail");
+    assert!(stderr.to_lowercase().contains("certificate"), "{stderr}");
 }

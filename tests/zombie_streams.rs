@@ -154,6 +154,7 @@ async fn a_stalled_stream_is_ended_and_its_connection_siblings_get_their_resume_
     let mut observer = server.client(&user_token("observer")).await;
     let users = users_in(&mut observer, PROJECT).await;
     assert!(users.contains(&"zombie".to_owned()), "{users:?}");
+    assert!(users.contains(&"sibling".to_owned()), "{users:?}");
 
     let mut svc = server.client(&publisher_token()).await;
     let mut published = Vec::new();
