@@ -80,6 +80,18 @@ struct LocalConnection {
     rooms: Vec<String>,
 }
 
+impl LocalConnection {
+    /// Its record in the node's hash (for whoever cleans up after the node).
+    fn stored_json(&self) -> String {
+        serde_json::to_string(&StoredConnection {
+            user: self.member.user_id.clone(),
+            tenant: self.member.tenant.clone(),
+            rooms: self.rooms.clone(),
+        })
+        .unwrap_or_default()
+    }
+}
+
 /// This node's share of the presence state.
 pub(crate) struct Presence {
     node: Arc<str>,
@@ -184,12 +196,7 @@ impl Presence {
                 .boxed(),
             );
         }
-        let stored = serde_json::to_string(&StoredConnection {
-            user: local.member.user_id.clone(),
-            tenant: local.member.tenant.clone(),
-            rooms: local.rooms.clone(),
-        })
-        .unwrap_or_default();
+        let stored = local.stored_json();
         let (node_key, id, mut c) = (
             keys::node_connections(&self.node),
             &local.member.connection_id,
@@ -269,24 +276,22 @@ impl Presence {
                 return Ok(());
             };
             connection.rooms.retain(|r| r != room);
-            serde_json::to_string(&StoredConnection {
-                user: member.user_id.clone(),
-                tenant: member.tenant.clone(),
-                rooms: connection.rooms.clone(),
-            })
-            .unwrap_or_default()
+            connection.stored_json()
         };
+        // Two commands, not one pipeline: the room's set and the node's hash are in different slots of a
+        // cluster (as in `record`).
         let mut c = conn.clone();
-        let mut pipe = redis::pipe();
-        pipe.zrem(RoomKeys::new(room).presence, self.room_member(member))
-            .ignore()
-            .hset(
-                keys::node_connections(&self.node),
-                &member.connection_id,
-                stored,
-            )
-            .ignore();
-        bounded(self.timeout, "presence leave", pipe.exec_async(&mut c)).await
+        let mut room_set = redis::cmd("ZREM");
+        room_set
+            .arg(RoomKeys::new(room).presence)
+            .arg(self.room_member(member));
+        bounded(self.timeout, "presence leave", room_set.exec_async(&mut c)).await?;
+        let mut record = redis::cmd("HSET");
+        record
+            .arg(keys::node_connections(&self.node))
+            .arg(&member.connection_id)
+            .arg(stored);
+        bounded(self.timeout, "presence leave", record.exec_async(&mut c)).await
     }
 
     /// Users and connections in `room`, across all nodes, and the page of users `page` asks for.
