@@ -213,34 +213,19 @@ impl Verifier {
         Ok(verifier)
     }
 
-    /// [`Self::verify`], and when the token names a `kid` no key has while a JWKS URL is configured,
-    /// refetch the set (at most once per `--jwt-jwks-refetch-secs`) and verify again: keys the identity
+    /// For a token whose `kid` no key had when it was first verified, with a JWKS URL configured: refetch
+    /// the set (at most once per `--jwt-jwks-refetch-secs`) and verify it again, so keys the identity
     /// provider just rotated in work without a restart.
-    pub async fn verify_fresh(&self, token: &str) -> Result<Principal, AuthError> {
-        match self.verify(token) {
-            Err(AuthError::UnknownKeyId(_)) if self.keys.remote().is_some() => {
-                if let Some(remote) = self.keys.remote() {
-                    remote.refetch_for_unknown_kid().await;
-                }
-                self.verify(token)
-            }
-            other => other,
+    pub async fn verify_after_refetch(&self, token: &str) -> Result<Principal, AuthError> {
+        if let Some(remote) = self.keys.remote() {
+            remote.refetch_for_unknown_kid().await;
         }
+        self.verify(token)
     }
 
     /// Checks `authorization` metadata (`Bearer <JWT>`) and returns the principal.
     pub fn verify_header(&self, value: Option<&str>) -> Result<Principal, AuthError> {
-        let value = value.ok_or(AuthError::Missing)?;
-        let (scheme, token) = value
-            .trim()
-            .split_once(' ')
-            .ok_or_else(|| AuthError::Malformed("expected `Bearer <JWT>`".into()))?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(AuthError::Malformed(format!(
-                "expected the Bearer scheme, got {scheme:?}"
-            )));
-        }
-        self.verify(token.trim())
+        self.verify(bearer(value.ok_or(AuthError::Missing)?)?)
     }
 
     /// Verifies one JWT.
@@ -369,7 +354,10 @@ impl tonic::service::Interceptor for Interceptor {
             // The interceptor cannot wait for a JWKS refetch: the handler finishes the check (see
             // `principal`), which it must do before anything else anyway.
             Err(AuthError::UnknownKeyId(_)) if self.verifier.keys.remote().is_some() => {
-                let token = header.map(bearer_token).unwrap_or_default().to_owned();
+                let token = header
+                    .and_then(|h| bearer(h).ok())
+                    .unwrap_or_default()
+                    .to_owned();
                 req.extensions_mut().insert(Arc::new(Unverified {
                     verifier: self.verifier.clone(),
                     revocations: self.revocations.clone(),
@@ -392,9 +380,18 @@ struct Unverified {
     token: String,
 }
 
-/// `<JWT>` of a `Bearer <JWT>` header already accepted by [`Verifier::verify_header`].
-fn bearer_token(header: &str) -> &str {
-    header.trim().split_once(' ').map_or("", |(_, t)| t.trim())
+/// `<JWT>` of an `authorization: Bearer <JWT>` value.
+fn bearer(value: &str) -> Result<&str, AuthError> {
+    let (scheme, token) = value
+        .trim()
+        .split_once(' ')
+        .ok_or_else(|| AuthError::Malformed("expected `Bearer <JWT>`".into()))?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(AuthError::Malformed(format!(
+            "expected the Bearer scheme, got {scheme:?}"
+        )));
+    }
+    Ok(token.trim())
 }
 
 /// The verified principal of a request (set by [`Interceptor`]). Every handler calls it first.
@@ -405,7 +402,7 @@ pub async fn principal<T>(req: &tonic::Request<T>) -> Result<Arc<Principal>, Ser
     let Some(pending) = req.extensions().get::<Arc<Unverified>>().cloned() else {
         return Err(ServiceError::Auth(AuthError::Missing));
     };
-    let verified = pending.verifier.verify_fresh(&pending.token).await;
+    let verified = pending.verifier.verify_after_refetch(&pending.token).await;
     match verified.and_then(|p| pending.revocations.check(&p).map(|()| p)) {
         Ok(principal) => Ok(Arc::new(principal)),
         Err(e) => {

@@ -39,8 +39,9 @@ use crate::presence::Member;
 use crate::proto::v1::{
     subscribe_response::Kind, Heartbeat, Removed, Reset, RoomPosition, SubscribeRequest, Subscribed,
 };
-use crate::watchdog::ConnectionHandle;
+use crate::watchdog::{ConnectionHandle, Watched};
 use crate::wire::SharedResponse;
+use tokio_util::sync::CancellationToken;
 
 /// Attaching one room: the `since` it was given, and the bus's feed.
 type Attach<'a> = BoxFuture<'a, Result<(Option<&'a str>, RoomFeed), BusError>>;
@@ -171,11 +172,7 @@ impl EventApi {
                 }
                 loop {
                     if closing.is_cancelled() {
-                        replay_end = Some(match watched.verdict() {
-                            Some(verdict) => verdict,
-                            None if server_shutdown.is_cancelled() => StreamEnd::ShuttingDown,
-                            None => StreamEnd::ConnectionClosed,
-                        });
+                        replay_end = Some(closed_end(&watched, &server_shutdown));
                         break 'rooms;
                     }
                     if Instant::now() >= expires {
@@ -242,11 +239,7 @@ impl EventApi {
                         }
                         tokio::select! {
                             biased;
-                            _ = &mut cancelled => break match watched.verdict() {
-                                Some(verdict) => verdict,
-                                None if server_shutdown.is_cancelled() => StreamEnd::ShuttingDown,
-                                None => StreamEnd::ConnectionClosed,
-                            },
+                            _ = &mut cancelled => break closed_end(&watched, &server_shutdown),
                             _ = control.changed() => {
                                 let (taken_off, ending) = control.take();
                                 for (room, reason) in taken_off {
@@ -392,6 +385,16 @@ fn stream_ended(
                 .unwrap_or_else(|| "no reason given".into()),
         },
         (reason, _) => ServiceError::StreamEnded { reason, since },
+    }
+}
+
+/// Why a stream whose connection token was cancelled ends: the watchdog's verdict, else shutdown, else the
+/// server closed its connection.
+fn closed_end(watched: &Watched, server_shutdown: &CancellationToken) -> StreamEnd {
+    match watched.verdict() {
+        Some(verdict) => verdict,
+        None if server_shutdown.is_cancelled() => StreamEnd::ShuttingDown,
+        None => StreamEnd::ConnectionClosed,
     }
 }
 
