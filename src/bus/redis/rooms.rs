@@ -161,9 +161,13 @@ impl Slot {
     /// Offers a live message (`{id}\n{payload}`) unless it is not newer than what was offered; a message
     /// of a new epoch is preceded by a `Reset`.
     fn offer_message(&mut self, room: &Arc<str>, message: &[u8]) {
-        let Some((id, id_str, payload)) = parse_message(room, message) else {
-            return;
-        };
+        if let Some((id, id_str, payload)) = parse_message(room, message) {
+            self.offer_parsed(room, id, id_str, payload);
+        }
+    }
+
+    /// [`Self::offer_message`] for a message already split into its id and payload.
+    fn offer_parsed(&mut self, room: &Arc<str>, id: EventId<'_>, id_str: &str, payload: &[u8]) {
         let SlotState::Live(feed) = &mut self.state else {
             return;
         };
@@ -385,6 +389,10 @@ impl RoomTable {
     /// Offers a live message of `room` (`{id}\n{payload}`) to the room's sinks, unless it is not newer
     /// than what they were offered; holds it while the room waits for a read.
     pub(super) fn deliver(&self, room: &str, message: &[u8]) {
+        // Parsed before taking the node-wide lock every room's fan-out shares.
+        let Some((id, id_str, payload)) = parse_message(room, message) else {
+            return;
+        };
         let mut slots = lock(&self.slots);
         let Some((key, _)) = slots.get_key_value(room) else {
             return;
@@ -397,7 +405,7 @@ impl RoomTable {
             slot.held.push(message);
             return;
         }
-        slot.offer_message(&key, message);
+        slot.offer_parsed(&key, id, id_str, payload);
     }
 
     /// A pending room's subscription is confirmed and `read` says where the room stands: it goes live,
