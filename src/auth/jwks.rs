@@ -21,8 +21,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use jsonwebtoken::jwk::JwkSet;
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::CertificateDer;
 use tokio::time::Instant;
 
 use super::keys::{jwk_key, Key, KeyError};
@@ -228,15 +226,8 @@ fn tls_config(ca_file: Option<&PathBuf>) -> Result<rustls::ClientConfig, String>
     let native = rustls_native_certs::load_native_certs();
     roots.add_parsable_certificates(native.certs);
     if let Some(path) = ca_file {
-        let certs = CertificateDer::pem_file_iter(path)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        let certs = crate::tls::read_certs(path)
             .map_err(|e| format!("--jwt-jwks-ca-file {}: {e}", path.display()))?;
-        if certs.is_empty() {
-            return Err(format!(
-                "--jwt-jwks-ca-file {}: no certificate",
-                path.display()
-            ));
-        }
         for cert in certs {
             roots
                 .add(cert)
