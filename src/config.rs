@@ -447,6 +447,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub status_window_ms: u64,
 
+    /// Status deliveries per second a tenant may cost this node: a tenant whose room knows of N online
+    /// users gets its `user.status` events at most every N / this seconds (at least the window, at most
+    /// 5 s), so a big tenant's connect storm costs deliveries linear in its length. 0: every window.
+    #[arg(long, env = "LAMPLIGHT_STATUS_DELIVERIES_PER_SEC", default_value_t = crate::statuses::DEFAULT_STATUS_DELIVERIES_PER_SEC)]
+    pub status_deliveries_per_sec: u32,
+
     /// Seconds open streams get to end after SIGINT/SIGTERM before the server exits anyway.
     #[arg(long, env = "LAMPLIGHT_SHUTDOWN_GRACE_SECS", default_value_t = DEFAULT_SHUTDOWN_GRACE_SECS)]
     pub shutdown_grace_secs: u64,
@@ -543,6 +549,7 @@ impl Config {
             typing_per_sec: DEFAULT_TYPING_PER_SEC,
             user_statuses: true,
             status_window_ms: crate::statuses::DEFAULT_STATUS_WINDOW_MS,
+            status_deliveries_per_sec: crate::statuses::DEFAULT_STATUS_DELIVERIES_PER_SEC,
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             max_streams_per_user: DEFAULT_MAX_STREAMS_PER_USER,
@@ -565,6 +572,7 @@ impl Config {
         crate::statuses::StatusSettings {
             enabled: self.user_statuses,
             window: Duration::from_millis(self.status_window_ms),
+            deliveries_per_sec: self.status_deliveries_per_sec,
         }
     }
 

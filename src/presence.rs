@@ -223,6 +223,11 @@ impl PresenceTable {
         changes
     }
 
+    /// How many users of `tenant` its room was told are online.
+    pub fn told_online(&self, tenant: &str) -> usize {
+        self.told_online.get(tenant).map_or(0, |told| told.len())
+    }
+
     /// Who is in `room`: totals and the page asked for. Costs O(users in the room) for the connection
     /// total, and a range of the sorted map for the page.
     pub fn snapshot(&self, room: &str, page: &PageRequest) -> PresenceSnapshot {

@@ -1,7 +1,7 @@
 //! Coalesced user statuses on the embedded bus: a burst of connections of one tenant costs a handful of
 //! `user.status` events, each carrying many changes; a watcher applying them ends with the true online
-//! set; a user who came and went within one window is not announced; `--user-statuses=false` publishes
-//! none.
+//! set; a user who came and went within one window is not announced; a big tenant's events are spaced by
+//! its size (`--status-deliveries-per-sec`); `--user-statuses=false` publishes none.
 mod support;
 
 use std::collections::BTreeSet;
@@ -72,6 +72,36 @@ async fn a_burst_of_users_costs_a_handful_of_status_events() {
     assert_eq!(presence.user_count, 0);
     // Nothing else follows.
     assert_nothing_before_marker(&mut svc, &mut statuses).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_tenant_gets_its_status_events_spaced_by_its_size() {
+    // 100 users online and 50 deliveries/s: at most one status event every 2 s (the window is 100 ms).
+    let server = TestServer::start_with(|c| {
+        c.status_window_ms = 100;
+        c.status_deliveries_per_sec = 50;
+    })
+    .await;
+    let mut watcher = server.client(&publisher_token()).await;
+    let (mut statuses, _) = subscribe(&mut watcher, &["tenant:t1"], &[]).await.unwrap();
+    let users: Vec<String> = (0..100).map(|i| format!("u{i:03}")).collect();
+    let _streams = connect_all(&server, &users).await;
+    let mut all: BTreeSet<String> = users.iter().cloned().collect();
+    let mut seen = OnlineSet::default();
+    seen.until(&mut statuses, &all, Duration::from_secs(60))
+        .await;
+    // The event that completed the set was settled with 100 users told online, at most now.
+    let last = tokio::time::Instant::now();
+    let _late = connect_all(&server, &["u100".to_owned()]).await;
+    all.insert("u100".to_owned());
+    seen.until(&mut statuses, &all, Duration::from_secs(30))
+        .await;
+    let gap = last.elapsed();
+    // 2 s after the previous settle; its delivery to us may have taken a little of that.
+    assert!(
+        gap >= Duration::from_millis(1500),
+        "u100 was announced {gap:?} after the previous event, not spaced by the tenant's size"
+    );
 }
 
 async fn assert_nothing_before_marker(

@@ -33,8 +33,8 @@ use crate::metrics::{EVENTS_DELIVERED, STATUS_CHANGES, STATUS_EVENTS, STREAMS_OP
 use crate::proto::v1::event_service_client::EventServiceClient;
 use crate::proto::v1::{
     event::Payload, subscribe_response::Kind, user_status, GetPresenceRequest, SubscribeRequest,
-    UserStatus,
 };
+use crate::statuses;
 
 /// Pause before the watcher subscribes again after its stream ended.
 const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(200);
@@ -258,25 +258,27 @@ async fn watch_once(
     Ok(())
 }
 
-/// The status changes an event carries (none for other events).
-fn changes(payload: Option<Payload>) -> Vec<UserStatus> {
+/// The (user, online) changes an event carries (none for other events).
+fn changes(payload: Option<Payload>) -> Vec<(String, bool)> {
     match payload {
-        Some(Payload::PresenceDiff(diff)) => diff.changes,
-        Some(Payload::UserStatus(status)) => vec![status],
+        Some(Payload::PresenceDiff(diff)) => statuses::diff_changes(&diff)
+            .map(|(user, online)| (user.to_owned(), online))
+            .collect(),
+        Some(Payload::UserStatus(status)) => match status.status() {
+            user_status::Status::Online => vec![(status.user_id, true)],
+            user_status::Status::Offline => vec![(status.user_id, false)],
+            user_status::Status::Unspecified => Vec::new(),
+        },
         _ => Vec::new(),
     }
 }
 
-fn apply(online: &mut HashSet<String>, changes: Vec<UserStatus>) {
-    for change in changes {
-        match change.status() {
-            user_status::Status::Online => {
-                online.insert(change.user_id);
-            }
-            user_status::Status::Offline => {
-                online.remove(&change.user_id);
-            }
-            user_status::Status::Unspecified => {}
+fn apply(online: &mut HashSet<String>, changes: Vec<(String, bool)>) {
+    for (user, is_online) in changes {
+        if is_online {
+            online.insert(user);
+        } else {
+            online.remove(&user);
         }
     }
 }
@@ -545,24 +547,13 @@ async fn reconnect(
 mod tests {
     use super::*;
 
-    fn status(user: &str, s: user_status::Status) -> UserStatus {
-        UserStatus {
-            user_id: user.to_owned(),
-            status: s as i32,
-        }
-    }
-
     #[test]
     fn diffs_apply_in_order_and_the_truth_includes_the_watcher() {
         let mut online = HashSet::new();
-        apply(
-            &mut online,
-            vec![
-                status("u1", user_status::Status::Online),
-                status("u2", user_status::Status::Online),
-                status("u1", user_status::Status::Offline),
-            ],
-        );
+        let diff = crate::statuses::diff_event("t1", &[("u1".into(), true), ("u2".into(), true)]);
+        apply(&mut online, changes(diff.payload));
+        let diff = crate::statuses::diff_event("t1", &[("u1".into(), false)]);
+        apply(&mut online, changes(diff.payload));
         assert_eq!(online, HashSet::from(["u2".to_owned()]));
         let t = truth(&[0, 2]);
         assert!(t.contains("u0") && t.contains("u2") && t.contains(WATCHER_SUB));

@@ -126,7 +126,7 @@ impl Subscriber {
                     Some(Payload::Task(task)) => task,
                     Some(Payload::PresenceDiff(diff)) => {
                         self.tally.status_events.fetch_add(1, Relaxed);
-                        let n = diff.changes.len() as u64;
+                        let n = crate::statuses::diff_changes(diff).count() as u64;
                         self.tally.status_changes.fetch_add(n, Relaxed);
                         return;
                     }

@@ -260,14 +260,14 @@ impl Inner {
 impl Settle for Inner {
     /// Settles and publishes under the presence lock, so that the diffs reach the tenant room in the
     /// order they were settled.
-    async fn settle(&self, tenant: &str) -> Result<(), BusError> {
+    async fn settle(&self, tenant: &str) -> Result<usize, BusError> {
         let mut presence = lock(&self.presence);
         let changes = presence.settle(tenant);
         for chunk in changes.chunks(MAX_CHANGES_PER_EVENT) {
             self.publish_now(diff_event(tenant, chunk));
             crate::statuses::count_published(chunk.len());
         }
-        Ok(())
+        Ok(presence.told_online(tenant))
     }
 }
 

@@ -80,7 +80,11 @@ pub fn payload_to_json(payload: &Payload) -> (&'static str, Value) {
         ),
         Payload::PresenceDiff(d) => (
             "presence_diff",
-            json!({"changes": d.changes.iter().map(|s| json!({"user_id": s.user_id, "status": status_name(s.status)})).collect::<Vec<_>>()}),
+            // The packed lists unpacked, in the shape this JSON had before they were packed.
+            json!({"changes": crate::statuses::diff_changes(d).map(|(user, online)| json!({
+                "user_id": user,
+                "status": if online { "ONLINE" } else { "OFFLINE" },
+            })).collect::<Vec<_>>()}),
         ),
         Payload::Custom(c) => (
             "custom",
@@ -281,17 +285,22 @@ mod tests {
             status: user_status::Status::Online as i32,
         });
         assert_eq!(payload_to_json(&online).1["status"], "ONLINE");
-        let diff = Payload::PresenceDiff(crate::proto::v1::PresenceDiff {
-            changes: vec![
-                crate::statuses::change("u1", true),
-                crate::statuses::change("u2", false),
+        let diff = crate::statuses::diff_event(
+            "t1",
+            &[
+                ("u1".into(), true),
+                ("u3".into(), true),
+                ("u2".into(), false),
             ],
-        });
+        )
+        .payload
+        .unwrap();
         assert_eq!(
             payload_to_json(&diff),
             (
                 "presence_diff",
                 json!({"changes": [{"user_id": "u1", "status": "ONLINE"},
+                                   {"user_id": "u3", "status": "ONLINE"},
                                    {"user_id": "u2", "status": "OFFLINE"}]})
             )
         );

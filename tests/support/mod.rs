@@ -369,7 +369,7 @@ pub const STATUS_SETTLE: Duration = Duration::from_millis(1200);
 /// The (user, online) changes of a `user.status` event, sorted by user, or `None` for any other event.
 /// Checks the envelope: tenant room, server publisher, id and time set, one entry per user, never empty.
 pub fn status_changes(event: &lamplight::proto::v1::Event) -> Option<Vec<(String, bool)>> {
-    use lamplight::proto::v1::{event::Payload, user_status::Status};
+    use lamplight::proto::v1::event::Payload;
     let Some(Payload::PresenceDiff(diff)) = &event.payload else {
         return None;
     };
@@ -377,16 +377,14 @@ pub fn status_changes(event: &lamplight::proto::v1::Event) -> Option<Vec<(String
     assert!(event.room.starts_with("tenant:"), "{event:?}");
     assert_eq!(event.publisher_id, "lamplight");
     assert!(!event.id.is_empty() && event.time.is_some(), "{event:?}");
-    let mut changes: Vec<(String, bool)> = diff
-        .changes
-        .iter()
-        .map(|c| {
-            assert!(
-                matches!(c.status(), Status::Online | Status::Offline),
-                "{c:?}"
-            );
-            (c.user_id.clone(), c.status() == Status::Online)
-        })
+    for list in [&diff.online, &diff.offline] {
+        assert!(
+            !list.starts_with('\n') && !list.ends_with('\n') && !list.contains("\n\n"),
+            "an empty id in a packed list: {diff:?}"
+        );
+    }
+    let mut changes: Vec<(String, bool)> = lamplight::statuses::diff_changes(diff)
+        .map(|(user, online)| (user.to_owned(), online))
         .collect();
     changes.sort();
     assert!(!changes.is_empty(), "an empty diff was published");

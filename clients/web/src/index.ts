@@ -53,7 +53,7 @@ export {
   userRoom,
   type ParsedRoom,
 } from "./rooms.js";
-export { applyStatusChanges, statusChanges, type StatusChange } from "./statuses.js";
+export { applyStatusChanges, packedIds, statusChanges, type StatusChange } from "./statuses.js";
 export { CONNECTION_STATES, nextState, type ConnectionInput, type ConnectionState } from "./state.js";
 export { readIdentity, type Identity } from "./token.js";
 export { DEFAULT_TYPING, TypingSender, TypingTracker, type TypingOptions } from "./typing.js";

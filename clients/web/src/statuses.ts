@@ -1,7 +1,8 @@
 /**
  * User statuses: the server publishes ONLINE/OFFLINE changes of a tenant's users to `tenant:{tid}` as
  * `user.status` events carrying a `PresenceDiff` (every change one node decided in one window, at most
- * one entry per user). Apply them to the online set `getPresence` returned instead of refetching it.
+ * one entry per user; the ids of each list packed in one "\n"-separated string). Apply them to the
+ * online set `getPresence` returned instead of refetching it.
  */
 
 import { UserStatus_Status, type Event } from "./gen/lamplight/v1/events_pb.js";
@@ -18,14 +19,21 @@ export interface StatusChange {
  */
 export function statusChanges(event: Event): StatusChange[] {
   const p = event.payload;
-  const changes =
-    p.case === "presenceDiff" ? p.value.changes : p.case === "userStatus" ? [p.value] : [];
   const out: StatusChange[] = [];
-  for (const c of changes) {
+  if (p.case === "presenceDiff") {
+    for (const userId of packedIds(p.value.online)) out.push({ userId, online: true });
+    for (const userId of packedIds(p.value.offline)) out.push({ userId, online: false });
+  } else if (p.case === "userStatus") {
+    const c = p.value;
     if (c.status === UserStatus_Status.ONLINE) out.push({ userId: c.userId, online: true });
     else if (c.status === UserStatus_Status.OFFLINE) out.push({ userId: c.userId, online: false });
   }
   return out;
+}
+
+/** The ids of one packed `PresenceDiff` list ("" is none). */
+export function packedIds(list: string): string[] {
+  return list === "" ? [] : list.split("\n").filter((id) => id !== "");
 }
 
 /** `userIds` (sorted) with `changes` applied, sorted; the same array when nothing changed. */

@@ -229,7 +229,7 @@ struct Settler {
 
 #[async_trait]
 impl Settle for Settler {
-    async fn settle(&self, tenant: &str) -> Result<(), BusError> {
+    async fn settle(&self, tenant: &str) -> Result<usize, BusError> {
         let mut head = diff_event(tenant, &[]);
         head.payload = None;
         let head = head.encode_to_vec();
@@ -252,7 +252,7 @@ impl Settle for Settler {
                 crate::statuses::count_published(settled.published);
             }
             if settled.remaining == 0 || settled.taken == 0 {
-                return Ok(());
+                return Ok(settled.told_online);
             }
         }
     }

@@ -249,6 +249,8 @@ pub(crate) struct Settled {
     pub(crate) published: usize,
     /// Users still dirty in the tenant: settle again.
     pub(crate) remaining: usize,
+    /// Users the tenant room has been told are online.
+    pub(crate) told_online: usize,
 }
 
 /// Takes up to `max` dirty users of the tenant and publishes, as one `PresenceDiff` event built on `head`
@@ -264,7 +266,7 @@ pub(crate) async fn settle(
     let tenant_room = Room::tenant_room(tenant);
     let keys = TenantKeys::new(&tenant_room);
     let room = RoomKeys::new(&tenant_room);
-    let (taken, published, remaining): (usize, usize, usize) = SETTLE
+    let (taken, published, remaining, told_online): (usize, usize, usize, usize) = SETTLE
         .key(&keys.dirty)
         .key(&keys.online)
         .key(&keys.told)
@@ -284,5 +286,6 @@ pub(crate) async fn settle(
         taken,
         published,
         remaining,
+        told_online,
     })
 }

@@ -1,7 +1,7 @@
 import { useQuery } from "@tanstack/react-query";
 import { useEffect, useRef, useState, type FormEvent, type ReactNode } from "react";
 
-import { tenantRoom, type Event, type Task } from "../../src/index.js";
+import { packedIds, tenantRoom, type Event, type Task } from "../../src/index.js";
 import {
   ConnectionStatus,
   useLamplight,
@@ -370,7 +370,7 @@ function summarize(e: Event): string {
     case "userStatus":
       return p.value.userId;
     case "presenceDiff":
-      return p.value.changes.map((c) => c.userId).join(", ");
+      return [...packedIds(p.value.online), ...packedIds(p.value.offline)].join(", ");
     case "typing":
       return `${p.value.userId} ${p.value.isTyping ? "started" : "stopped"} typing`;
     case "notification":

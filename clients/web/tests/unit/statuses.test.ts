@@ -9,32 +9,22 @@ import {
 } from "../../src/gen/lamplight/v1/events_pb.js";
 import { applyStatusChanges, statusChanges } from "../../src/statuses.js";
 
-const diff = (changes: [string, UserStatus_Status][]) =>
+const diff = (online: string, offline: string) =>
   create(EventSchema, {
     room: "tenant:t1",
     type: "user.status",
-    payload: {
-      case: "presenceDiff",
-      value: create(PresenceDiffSchema, {
-        changes: changes.map(([userId, status]) => create(UserStatusSchema, { userId, status })),
-      }),
-    },
+    payload: { case: "presenceDiff", value: create(PresenceDiffSchema, { online, offline }) },
   });
 
 describe("status diffs", () => {
   it("reads every change of a diff, and the one of a UserStatus", () => {
-    expect(
-      statusChanges(
-        diff([
-          ["u1", UserStatus_Status.ONLINE],
-          ["u2", UserStatus_Status.OFFLINE],
-          ["u3", UserStatus_Status.STATUS_UNSPECIFIED],
-        ]),
-      ),
-    ).toEqual([
+    expect(statusChanges(diff("u1\nu3", "u2"))).toEqual([
       { userId: "u1", online: true },
+      { userId: "u3", online: true },
       { userId: "u2", online: false },
     ]);
+    expect(statusChanges(diff("", "u4"))).toEqual([{ userId: "u4", online: false }]);
+    expect(statusChanges(diff("", ""))).toEqual([]);
     const single = create(EventSchema, {
       payload: { case: "userStatus", value: create(UserStatusSchema, { userId: "u9", status: UserStatus_Status.ONLINE }) },
     });

@@ -6,7 +6,7 @@
 --       stream, 5 tenant room meta.
 -- ARGV: 1 the event without id and payload (encoded), 2 most users to take, 3 history size,
 --       4 room ttl (ms), 5 epoch candidate, 6 tenant room channel, 7 sharded, 8 ttl of the told set (ms).
--- Returns {users taken, changes published, users still dirty}.
+-- Returns {users taken, changes published, users still dirty, users told online}.
 local function varint(n)
   local out = {}
   while n >= 128 do
@@ -18,28 +18,35 @@ local function varint(n)
 end
 local users = redis.call('SPOP', KEYS[1], tonumber(ARGV[2]))
 table.sort(users)
-local entries = {}
+local online, offline = {}, {}
 for _, user in ipairs(users) do
-  local online = redis.call('SISMEMBER', KEYS[2], user) == 1
+  local is_online = redis.call('SISMEMBER', KEYS[2], user) == 1
   local told = redis.call('SISMEMBER', KEYS[3], user) == 1
-  if online ~= told then
-    local status = 2
-    if online then
+  if is_online ~= told then
+    if is_online then
       redis.call('SADD', KEYS[3], user)
-      status = 1
+      online[#online + 1] = user
     else
       redis.call('SREM', KEYS[3], user)
+      offline[#offline + 1] = user
     end
-    -- UserStatus { user_id = 1; status = 2 }, as field 1 of PresenceDiff.
-    local entry = '\10' .. varint(#user) .. user .. '\16' .. string.char(status)
-    entries[#entries + 1] = '\10' .. varint(#entry) .. entry
   end
 end
-if #entries > 0 then
+local changes = #online + #offline
+if changes > 0 then
   redis.call('PEXPIRE', KEYS[3], ARGV[8])
-  local diff = table.concat(entries)
+  -- PresenceDiff { online = 2; offline = 3 }: each a string of "\n"-separated ids, left out when empty.
+  local diff = ''
+  if #online > 0 then
+    local list = table.concat(online, '\n')
+    diff = diff .. '\18' .. varint(#list) .. list
+  end
+  if #offline > 0 then
+    local list = table.concat(offline, '\n')
+    diff = diff .. '\26' .. varint(#list) .. list
+  end
   -- Event field 17 (presence_diff), length-delimited: tag (17 << 3) | 2 = 138, as a varint.
   local payload = ARGV[1] .. '\138\1' .. varint(#diff) .. diff
   lamplight_emit(KEYS[4], KEYS[5], ARGV[6], payload, true, ARGV[3], ARGV[4], ARGV[5], ARGV[7] == '1')
 end
-return {#users, #entries, redis.call('SCARD', KEYS[1])}
+return {#users, changes, redis.call('SCARD', KEYS[1]), redis.call('SCARD', KEYS[3])}
