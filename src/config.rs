@@ -44,8 +44,9 @@ pub const DEFAULT_TYPING_PER_SEC: u32 = 5;
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 5;
 /// Default bound on each Redis call a request waits for (`--redis-timeout-ms`).
 pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 2000;
-/// Default lifetime of presence entries after a node's last heartbeat (`--redis-presence-ttl-secs`);
-/// nodes heartbeat every third of it, so the members of a node that died vanish within this.
+/// Default presence TTL (`--redis-presence-ttl-secs`): nodes refresh their registry entry every sixth of
+/// it, and the members of a node that died leave presence within half of it and are reaped (OFFLINE)
+/// within two thirds.
 pub const DEFAULT_REDIS_PRESENCE_TTL_SECS: u64 = 45;
 /// Default concurrent streams (calls) a client may open on one HTTP/2 connection, advertised in SETTINGS;
 /// hyper's default (200) is what tonic replaces with "unlimited".
@@ -308,8 +309,10 @@ pub struct RedisConfig {
           value_parser = clap::value_parser!(u64).range(50..=60_000))]
     pub redis_timeout_ms: u64,
 
-    /// Seconds the presence entries of a node outlive its last heartbeat (heartbeats every third of it):
-    /// the members of a node that dies without warning disappear within this.
+    /// Presence TTL in seconds. Each node refreshes its entry in the node registry every sixth of it; the
+    /// entry lives half of it. The members of a node that dies without warning leave `GetPresence` when
+    /// its entry expires, and a live node reaps them (OFFLINE) within two thirds of it. Connections are
+    /// written only when they change: the periodic cost does not grow with them.
     #[arg(long, env = "LAMPLIGHT_REDIS_PRESENCE_TTL_SECS", default_value_t = DEFAULT_REDIS_PRESENCE_TTL_SECS,
           value_parser = clap::value_parser!(u64).range(3..=60))]
     pub redis_presence_ttl_secs: u64,

@@ -1,5 +1,5 @@
 //! Presence cleans up after every way a connection or a node can end (issue 10, item 4): a Subscribe
-//! cancelled while its connection is being counted, streams ending while the heartbeat refreshes them, a
+//! cancelled while its connection is being counted, streams ending while the node records them again, a
 //! node stopped with SIGTERM (and in-process, on a cluster), a node killed with SIGKILL, a node
 //! restarted under the same `--redis-node-id`, and (the other way round) live nodes that must not take
 //! each other for dead after a Redis outage. Each test runs real lamplight nodes
@@ -252,17 +252,18 @@ async fn a_subscribe_cancelled_while_its_connection_is_counted_leaves_no_ghost()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn streams_that_end_while_the_heartbeat_refreshes_them_are_not_brought_back() {
+async fn streams_that_end_while_the_node_records_them_again_are_not_brought_back() {
     const USERS: usize = 150;
     const ENDED: usize = 100;
     let redis = RedisServer::start().await;
     let proxy = HoldProxy::start(redis.port).await;
-    // A refreshes its connections every 5 s, 64 at a time: with 150, most are refreshed only after the
-    // first ones were answered.
+    // A refreshes its registry entry every 2.5 s, and records its connections again, 64 at a time, when
+    // the entry is gone: with 150, most are recorded only after the first ones were answered.
     let a = TestServer::start_with(|c| {
         use_redis(c, &proxy.url());
         c.redis.redis_presence_ttl_secs = 15;
         c.redis.redis_timeout_ms = 5_000;
+        c.redis.redis_node_id = Some("recorder".into());
     })
     .await;
     let b = TestServer::start_with(|c| use_redis(c, &redis.url())).await;
@@ -275,19 +276,29 @@ async fn streams_that_end_while_the_heartbeat_refreshes_them_are_not_brought_bac
     }
     assert_eq!(present(&mut watcher).await, users);
 
-    // The next heartbeat's first refreshes reach Redis, but A gets no answer: the rest wait. Meanwhile
-    // 100 streams end; their removals start (the first command of each reaches Redis) before the
-    // refreshes of most of them are even sent.
+    // A's registry entry goes (as when a reaper took A for dead): at its next refresh A records every
+    // connection again. Their first records reach Redis, but A gets no answer: the rest wait. Meanwhile
+    // 100 streams end; their removals start (the first command of each reaches Redis) before the records
+    // of most of them are even sent.
     proxy.hold_replies_after(b":user:");
-    eventually(Duration::from_secs(10), "A's next heartbeat", || async {
-        proxy.holding()
-    })
+    let mut r = redis.conn().await;
+    let _: () = redis::cmd("ZREM")
+        .arg("lamplight:nodes")
+        .arg("recorder")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "A records its connections again",
+        || async { proxy.holding() },
+    )
     .await;
     streams.truncate(USERS - ENDED);
     tokio::time::sleep(Duration::from_secs(1)).await;
     proxy.release();
-    // Let that heartbeat finish (it takes milliseconds once Redis answers): refreshes it sent after the
-    // removals would have brought the ended streams back, with a fresh expiry (15 s).
+    // Let that recording finish (it takes milliseconds once Redis answers): records it sent after the
+    // removals would have brought the ended streams back, for good.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let remaining = &users[..USERS - ENDED];
@@ -300,7 +311,7 @@ async fn streams_that_end_while_the_heartbeat_refreshes_them_are_not_brought_bac
         }
         assert!(
             Instant::now() < deadline,
-            "ended streams still present {limit:?} after the heartbeat (brought back by it): {:?}",
+            "ended streams still present {limit:?} after the recording (brought back by it): {:?}",
             now_present
                 .iter()
                 .filter(|u| !remaining.contains(u))

@@ -7,10 +7,18 @@
 //! ONLINE/OFFLINE statuses are published, for the same reason. Room names are validated before they get
 //! here (`[A-Za-z0-9_.:-]`), so they never contain braces.
 
+use std::time::Duration;
+
 use base64::Engine as _;
 
 /// Prefix of every key and channel.
 pub(crate) const PREFIX: &str = "lamplight";
+
+/// How long a presence key (a room's presence set, a user's connections and online flag, a tenant's
+/// status sets, a node's hash, the node registry) outlives its last write or renewal. Nodes renew the
+/// keys of their connections much more often (see `presence/mod.rs`), so this only bounds what is left when
+/// every node died without a goodbye and none came back.
+pub(crate) const PRESENCE_KEY_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// The keys of one room.
 #[derive(Clone, Debug)]
@@ -23,7 +31,8 @@ pub(crate) struct RoomKeys {
     pub(crate) meta: String,
     /// Pub/sub channel (sharded in cluster mode). Message: `{event id}\n{encoded Event without id}`.
     pub(crate) channel: String,
-    /// Sorted set of the room's connections `{node}/{connection}/{user}`, scored by expiry (ms).
+    /// Sorted set of the room's connections `{node}/{connection}/{user}`, scored by when they were
+    /// recorded (ms). An entry counts while its node is live in [`nodes`].
     pub(crate) presence: String,
 }
 
@@ -56,7 +65,8 @@ impl RoomKeys {
 /// Keys of a user's online state, in their tenant room's slot.
 #[derive(Clone, Debug)]
 pub(crate) struct UserKeys {
-    /// Sorted set of the user's connections `{node}/{connection}`, scored by expiry (ms).
+    /// Sorted set of the user's connections `{node}/{connection}`, scored by when they were recorded
+    /// (ms).
     pub(crate) connections: String,
     /// Present while the user is announced ONLINE.
     pub(crate) online: String,
@@ -95,7 +105,8 @@ impl TenantKeys {
     }
 }
 
-/// Sorted set of live nodes, scored by the expiry of their last heartbeat (ms).
+/// Sorted set of nodes, scored by the expiry of their entry (ms); a negative score is a reaper's claim
+/// on a dead node (see `lua/node_claim.lua`).
 pub(crate) fn nodes() -> String {
     format!("{PREFIX}:nodes")
 }

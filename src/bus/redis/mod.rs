@@ -12,7 +12,8 @@
 //! - **Eviction**: a node refuses an evicting Redis at start ([`eviction`]).
 //! - **Outages**: the subscriber reconnects with backoff, re-subscribes and fills each room's gap from its
 //!   stream (or sends `Reset`); [`health`] reports a real pub/sub round trip.
-//! - **Presence** is kept in Redis with per-node heartbeats ([`presence`]).
+//! - **Presence** is kept in Redis: connections are written when they change, and live as long as their
+//!   node's entry in the node registry, which each node refreshes ([`presence`]).
 //! - **Cluster**: sharded pub/sub and hash-tagged keys ([`keys`]), so a room lives on one shard.
 //! - **TLS and ACL**: `rediss://` URLs with the user and password in them, certificates from
 //!   `--redis-ca-file` and the client certificate flags ([`target`]); start-up failures name what to
@@ -69,7 +70,8 @@ pub struct RedisOptions {
     pub tls: TlsFiles,
     /// Bound on every Redis call a request waits for (publish, history read, presence).
     pub timeout: Duration,
-    /// Presence entries of a node expire this long after its last heartbeat (heartbeats every third).
+    /// A node that stops refreshing its registry entry (every sixth of this) is taken for dead half of
+    /// this after its last refresh, and reaped by a live node within two thirds of it.
     pub presence_ttl: Duration,
     /// This node's id in presence entries; `None` for a random one.
     pub node_id: Option<String>,
@@ -102,7 +104,7 @@ pub struct RedisBus {
 
 impl RedisBus {
     /// Connects (failing fast with the reason when Redis cannot be reached) and starts the subscriber,
-    /// the health probe and the presence heartbeat. Must be called inside a tokio runtime.
+    /// the health probe and the presence upkeep. Must be called inside a tokio runtime.
     pub async fn connect(options: RedisOptions) -> Result<Self, BusError> {
         let node: Arc<str> = match &options.node_id {
             Some(id) => id.as_str().into(),
@@ -168,7 +170,6 @@ impl RedisBus {
             conn: cmd.clone(),
             settings,
             timeout,
-            told_ttl_ms: options.presence_ttl.as_millis() as u64,
         });
         tokio::spawn(
             statuses
@@ -223,8 +224,6 @@ struct Settler {
     conn: Conn,
     settings: RoomSettings,
     timeout: Duration,
-    /// The presence TTL: the told set lives a few of them after the last change.
-    told_ttl_ms: u64,
 }
 
 #[async_trait]
@@ -243,7 +242,7 @@ impl Settle for Settler {
                     tenant,
                     &head,
                     MAX_CHANGES_PER_EVENT,
-                    self.told_ttl_ms,
+                    keys::PRESENCE_KEY_TTL.as_millis() as u64,
                     self.settings,
                 ),
             )

@@ -1,9 +1,11 @@
 //! The Lua scripts (in `lua/`) and typed calls to them.
 //!
 //! Every step that must be atomic is one script: publish (id + store + trim + expire + publish +
-//! idempotency key), read (epoch + last id + trim point + entries), and the user's connection count with
-//! its ONLINE/OFFLINE transition, and settling a tenant's statuses into one event. Scripts run by `EVALSHA` (loaded on first use, and again after a Redis
-//! restart flushed the script cache). Each touches one room's keys only (one hash slot).
+//! idempotency key), read (epoch + last id + trim point + entries), the user's connection count with
+//! its ONLINE/OFFLINE transition, settling a tenant's statuses into one event, and a node's entry in the
+//! node registry (refresh, a reaper's claim, its release). Scripts run by `EVALSHA` (loaded on first
+//! use, and again after a Redis restart flushed the script cache). Each touches one room's keys only, or
+//! the registry only (one hash slot).
 
 use std::sync::LazyLock;
 
@@ -11,7 +13,7 @@ use redis::Script;
 
 use super::conn::Conn;
 use super::ids::{random_token, StreamId};
-use super::keys::{RoomKeys, TenantKeys, UserKeys};
+use super::keys::{nodes, RoomKeys, TenantKeys, UserKeys};
 use crate::presence::Member;
 use crate::rooms::Room;
 
@@ -31,9 +33,9 @@ static READ: LazyLock<Script> = script!("read.lua");
 static CONNECT: LazyLock<Script> = script!("connect.lua");
 static DISCONNECT: LazyLock<Script> = script!("disconnect.lua");
 static SETTLE: LazyLock<Script> = script!("settle.lua");
-
-/// A user's online flag (and connection set) expires this many presence TTLs after the last heartbeat.
-const FLAG_TTL_FACTOR: u64 = 4;
+static NODE_BEAT: LazyLock<Script> = script!("node_beat.lua");
+static NODE_CLAIM: LazyLock<Script> = script!("node_claim.lua");
+static NODE_RELEASE: LazyLock<Script> = script!("node_release.lua");
 /// Length of a new epoch.
 const EPOCH_LEN: usize = 10;
 
@@ -179,14 +181,15 @@ pub(crate) fn connection_member(node: &str, member: &Member) -> String {
     format!("{node}/{}", member.connection_id)
 }
 
-/// Counts (or refreshes) a connection of `member`. Returns true if the user was not online (a decided
-/// ONLINE; with `statuses`, the user is now dirty in the tenant, for [`settle`]).
+/// Counts a connection of `member` (again, if it was counted). Returns true if the user was not online
+/// (a decided ONLINE; with `statuses`, the user is now dirty in the tenant, for [`settle`]). The user's
+/// keys (and the tenant's, with `statuses`) expire `key_ttl_ms` after this unless renewed.
 pub(crate) async fn connect(
     conn: &mut Conn,
     node: &str,
     member: &Member,
     now_ms: u64,
-    ttl_ms: u64,
+    key_ttl_ms: u64,
     statuses: bool,
 ) -> Result<bool, redis::RedisError> {
     let tenant_room = Room::tenant_room(&member.tenant);
@@ -199,11 +202,8 @@ pub(crate) async fn connect(
         .key(&tenant.dirty)
         .key(&tenant.told)
         .arg(connection_member(node, member))
-        .arg(now_ms + ttl_ms)
         .arg(now_ms)
-        // The flag must outlive the members until a dead node is reaped (up to ttl + ttl/3 after its
-        // last heartbeat), or the reaper would find the user already "offline" and stay silent.
-        .arg(ttl_ms * FLAG_TTL_FACTOR)
+        .arg(key_ttl_ms)
         .arg(&member.user_id)
         .arg(if statuses { "1" } else { "0" })
         .invoke_async(conn)
@@ -211,14 +211,13 @@ pub(crate) async fn connect(
     Ok(decided == 1)
 }
 
-/// Removes a connection of `member`. Returns true if it was the user's last live one (a decided OFFLINE;
+/// Removes a connection of `member`. Returns true if it was the user's last one (a decided OFFLINE;
 /// with `statuses`, the user is now dirty in the tenant, for [`settle`]).
 pub(crate) async fn disconnect(
     conn: &mut Conn,
     node: &str,
     member: &Member,
-    now_ms: u64,
-    ttl_ms: u64,
+    key_ttl_ms: u64,
     statuses: bool,
 ) -> Result<bool, redis::RedisError> {
     let tenant_room = Room::tenant_room(&member.tenant);
@@ -231,13 +230,88 @@ pub(crate) async fn disconnect(
         .key(&tenant.dirty)
         .key(&tenant.told)
         .arg(connection_member(node, member))
-        .arg(now_ms)
         .arg(&member.user_id)
         .arg(if statuses { "1" } else { "0" })
-        .arg(ttl_ms * FLAG_TTL_FACTOR)
+        .arg(key_ttl_ms)
         .invoke_async(conn)
         .await?;
     Ok(decided == 1)
+}
+
+/// What [`node_beat`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Beat {
+    /// The node's entry was there: refreshed.
+    Refreshed,
+    /// There was no entry (or only a stale claim): registered anew; the node must record its
+    /// connections again.
+    Registered,
+    /// A reaper is removing the node's connections: not refreshed.
+    BeingReaped,
+}
+
+/// Refreshes `node`'s registry entry to expire at `expiry_ms` (see `lua/node_beat.lua`).
+pub(crate) async fn node_beat(
+    conn: &mut Conn,
+    node: &str,
+    now_ms: u64,
+    expiry_ms: u64,
+    lease_ms: u64,
+    registry_ttl_ms: u64,
+) -> Result<Beat, redis::RedisError> {
+    let result: i64 = NODE_BEAT
+        .key(nodes())
+        .arg(node)
+        .arg(now_ms)
+        .arg(expiry_ms)
+        .arg(lease_ms)
+        .arg(registry_ttl_ms)
+        .invoke_async(conn)
+        .await?;
+    match result {
+        0 => Ok(Beat::Refreshed),
+        1 => Ok(Beat::Registered),
+        2 => Ok(Beat::BeingReaped),
+        other => Err(bad_reply("node beat", other)),
+    }
+}
+
+/// Claims dead `node` for reaping (`renewing` = `None`), or renews the claim scored `renewing`. Returns
+/// the claim's new score (`-now_ms`) if the caller holds it (see `lua/node_claim.lua`).
+pub(crate) async fn node_claim(
+    conn: &mut Conn,
+    node: &str,
+    now_ms: u64,
+    lease_ms: u64,
+    renewing: Option<i64>,
+) -> Result<Option<i64>, redis::RedisError> {
+    let held: i64 = NODE_CLAIM
+        .key(nodes())
+        .arg(node)
+        .arg(now_ms)
+        .arg(lease_ms)
+        .arg(renewing.map(|c| c.to_string()).unwrap_or_default())
+        .invoke_async(conn)
+        .await?;
+    Ok((held == 1).then(|| -(now_ms as i64)))
+}
+
+/// Lets go of the claim scored `claim` on `node`: its entry goes when `done`, else the claim is left
+/// stale for the next reaper (see `lua/node_release.lua`).
+pub(crate) async fn node_release(
+    conn: &mut Conn,
+    node: &str,
+    claim: i64,
+    done: bool,
+) -> Result<(), redis::RedisError> {
+    let _: i64 = NODE_RELEASE
+        .key(nodes())
+        .arg(node)
+        .arg(claim)
+        .arg(if done { "done" } else { "retry" })
+        .invoke_async(conn)
+        .await?;
+    Ok(())
 }
 
 /// What one [`settle`] did.
@@ -279,7 +353,7 @@ pub(crate) async fn settle(
         .arg(random_token(EPOCH_LEN))
         .arg(&room.channel)
         .arg(if settings.sharded { "1" } else { "0" })
-        .arg(told_ttl_ms * FLAG_TTL_FACTOR)
+        .arg(told_ttl_ms)
         .invoke_async(conn)
         .await?;
     Ok(Settled {

@@ -1,58 +1,83 @@
 //! Cluster-wide presence: who is connected to which room, across every node.
 //!
 //! Each open stream of a user is a *connection* `{node}/{id}` (ids are `{boot}-{n}`, unique across
-//! restarts of the node). It is recorded
-//! - in each room's sorted set (`{node}/{id}/{user}`), scored by its expiry, which `GetPresence` reads;
+//! restarts of the node). It is recorded once, when it opens (and again only if Redis forgot it):
+//! - in each room's sorted set (`{node}/{id}/{user}`), which `GetPresence` reads;
 //! - in the user's sorted set in the tenant room's slot, whose count decides ONLINE/OFFLINE: the connect
 //!   and disconnect scripts change it and decide the transition atomically, once per transition whichever
 //!   nodes the user's streams are on, and mark the user dirty in the tenant; this node then settles the
 //!   tenant's statuses into one `user.status` event a window later ([`crate::statuses`]);
 //! - in the node's hash of connections, read by whoever reaps the node after it died.
 //!
+//! Entries do not expire one by one: they live as long as their node. Liveness is the node's entry in the
+//! node registry, which the node refreshes every `ttl / 6` and which lives `ttl / 2`. So the periodic cost
+//! of a node is O(1) (one script on the registry, one read for dead nodes), whatever its connections; the
+//! rest is O(changes):
+//! - `GetPresence` reads the live nodes with the room (O(nodes) more) and leaves out the entries of nodes
+//!   that are not live, at once when a node's entry expires, also with no live node left to reap it.
+//! - The ONLINE/OFFLINE count does count the connections of a dead node until a live node reaps it (at
+//!   most `2 * ttl / 3` after its last refresh, as below): that is what decides their users' OFFLINE,
+//!   once, and a user with a stream on a live node as well simply stays online.
+//! - When the registry refresh finds no entry for the node (Redis restarted without persistence or was
+//!   flushed, or a live node took this one for dead and reaped it), the node registers again and records
+//!   all its connections again (users Redis forgot go ONLINE again). While a reaper is still removing the
+//!   node's connections the node waits for it (its claim is in the registry): recording them meanwhile
+//!   could be undone by the reaper.
+//! - Keys expire [`PRESENCE_KEY_TTL`] (a day) after a connection was last recorded in them (the
+//!   registry: after the last refresh of any node); every [`upkeep::RENEW_EVERY`] (an hour) a node
+//!   renews the keys its connections use, one `PEXPIRE` per distinct key (room, user, tenant), not per
+//!   connection. So what is left when every node died without a goodbye, and none came back to reap it,
+//!   is gone within a day. A key found missing at a renewal (evicted, deleted) makes the node record its
+//!   connections again.
+//!
 //! A connection is tracked locally before anything is written, so a disconnect always undoes a connect,
-//! even one that was cancelled or failed half-way. Every node refreshes the expiry of all its connections
-//! every `ttl / 3` (which also restores them after Redis lost its data), and, on its own timer, its entry
-//! in the node registry every `ttl / 6`, which lives `ttl / 2`.
+//! even one that was cancelled or failed half-way.
 //!
 //! How a node's connections end:
 //! - **Graceful shutdown**: [`Presence::shutdown`] removes them all (OFFLINE for users with no other
 //!   connection) and takes the node out of the registry, within the shutdown grace period.
-//! - **Crash** (SIGKILL, lost host): the first live node that sees the registry entry expired reaps it:
-//!   removes its connections and decides OFFLINE (published by its next settle), at most `2 * ttl / 3` after the node's last refresh
-//!   (a node whose own previous refresh is not recent, e.g. after a Redis outage, reaps nobody yet);
-//!   without any live node, the room entries still drop out of `GetPresence` `ttl` after the last
-//!   heartbeat.
-//! - **Restart under the same node id**: the new run's first heartbeat removes the entries it does not
-//!   know, those of the earlier run.
+//! - **Crash** (SIGKILL, lost host): the first live node that sees the registry entry expired claims it
+//!   (atomically: one reaper wins), removes its connections, deciding OFFLINE (published by its next
+//!   settle), and drops the entry: at most `2 * ttl / 3` after the node's last refresh (a node whose own
+//!   refreshes were interrupted, e.g. by a Redis outage, reaps nobody until it has refreshed for a period,
+//!   so that the others had their chance too). A reaper renews its claim as it goes; a claim not renewed
+//!   for a lease (the TTL, at least four Redis timeouts) is taken over by another live node, or by the
+//!   node itself if it was alive after all (it then records its connections again).
+//! - **Restart under the same node id**: the new run's first upkeep removes the entries it does not know,
+//!   those of the earlier run.
 //!
 //! Expiries use each node's wall clock: keep node clocks within a few seconds (NTP). Node ids must be
 //! unique among running nodes.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::Ordering;
+mod registry;
+mod upkeep;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
 use futures::{FutureExt as _, StreamExt as _};
 use redis::AsyncCommands as _;
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use self::registry::Refreshes;
 use super::conn::{bounded, Conn};
-use super::keys::{self, RoomKeys};
+use super::keys::{self, RoomKeys, PRESENCE_KEY_TTL};
 use super::scripts;
 use crate::bus::BusError;
 use crate::presence::{Member, PageRequest, PresenceSnapshot};
 use crate::statuses::StatusWindow;
 
-/// Redis calls the heartbeat runs at once.
+/// Redis calls presence runs at once (recording again, removing, renewing).
 const CONCURRENCY: usize = 64;
-/// Closed connections whose removal failed (Redis down), retried on each heartbeat. Past it the oldest
-/// are forgotten: their entries still expire by themselves.
+/// Closed connections whose removal failed (Redis down), retried by the upkeep. Past it the oldest are
+/// forgotten, and the node compares its hash of connections with the ones it knows once Redis answers
+/// again (removing the rest).
 const MAX_PENDING_REMOVALS: usize = 100_000;
-/// Dead nodes reaped per heartbeat.
-const REAP_PER_BEAT: isize = 8;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -92,6 +117,19 @@ impl LocalConnection {
     }
 }
 
+/// One of the loops of [`Presence::run`].
+struct Every<'a> {
+    period: Duration,
+    what: &'static str,
+    /// Dropped when shutdown begins (else shutdown waits for it).
+    interruptible: bool,
+    /// Bound on one step, so that a wedged Redis cannot stall the next ones; `None` for steps whose
+    /// Redis calls are each bounded and which stop at the first failure.
+    limit: Option<Duration>,
+    /// Runs a step at once when notified, besides the period.
+    wake: Option<&'a Notify>,
+}
+
 /// This node's share of the presence state.
 pub(crate) struct Presence {
     node: Arc<str>,
@@ -101,17 +139,31 @@ pub(crate) struct Presence {
     statuses: Arc<StatusWindow>,
     local: Mutex<HashMap<String, LocalConnection>>,
     pending_removals: Mutex<Vec<LocalConnection>>,
-    /// Held by a heartbeat while it writes, and by [`Presence::shutdown`], which sets it: no heartbeat
-    /// writes after the node said goodbye.
+    /// Held by a periodic step while it writes, and by [`Presence::shutdown`], which sets it: nothing
+    /// periodic writes after the node said goodbye.
     closed: tokio::sync::RwLock<bool>,
-    /// Cancelled by [`Presence::shutdown`] to stop a connection refresh in flight rather than wait for it.
+    /// Cancelled by [`Presence::shutdown`] to stop the upkeep and reaping in flight rather than wait.
     closing: CancellationToken,
-    /// When this node last refreshed its registry entry (monotonic clock).
-    last_refresh: Mutex<Option<std::time::Instant>>,
+    refreshes: Mutex<Refreshes>,
+    /// Bumped whenever every local connection must be recorded again; `recorded` is the value the last
+    /// complete recording started from (so a recording cut short is done again).
+    wanted: AtomicU64,
+    recorded: AtomicU64,
+    /// The node's hash must be compared with the local connections (at start: an earlier run's entries;
+    /// after forgotten removals).
+    reconcile: AtomicBool,
+    /// Wakes the upkeep (for a recording).
+    wake: Notify,
+    /// When the keys of every local connection were last renewed or written.
+    renewed: Mutex<Instant>,
+    /// Whether the node was registered once (a later new registration means it was forgotten).
+    registered: AtomicBool,
+    /// Whether the last refresh found a reaper at work on this node (logged once).
+    being_reaped: AtomicBool,
 }
 
 impl Presence {
-    /// Presence of node `node`, whose entries expire `ttl` after the last heartbeat.
+    /// Presence of node `node`, taken for dead `ttl / 2` after its last registry refresh.
     pub(crate) fn new(
         node: Arc<str>,
         ttl: Duration,
@@ -127,18 +179,36 @@ impl Presence {
             pending_removals: Mutex::new(Vec::new()),
             closed: tokio::sync::RwLock::new(false),
             closing: CancellationToken::new(),
-            last_refresh: Mutex::new(None),
+            refreshes: Mutex::new(Refreshes::default()),
+            wanted: AtomicU64::new(0),
+            recorded: AtomicU64::new(0),
+            reconcile: AtomicBool::new(true),
+            wake: Notify::new(),
+            renewed: Mutex::new(Instant::now()),
+            registered: AtomicBool::new(false),
+            being_reaped: AtomicBool::new(false),
         }
     }
 
     /// How long the node's registry entry outlives its last refresh: half the TTL, refreshed every sixth
     /// of it ([`Self::run`]), so two refreshes may be missed before live nodes take this one for dead.
-    fn node_ttl_ms(&self) -> u64 {
-        self.ttl_ms() / 2
+    fn node_ttl(&self) -> Duration {
+        self.ttl / 2
     }
 
-    fn ttl_ms(&self) -> u64 {
-        self.ttl.as_millis() as u64
+    /// How often the registry is refreshed, dead nodes looked for and the upkeep run.
+    fn period(&self) -> Duration {
+        self.ttl / 6
+    }
+
+    /// How long a reaper's claim holds without renewal: it renews it every [`REAP_CHUNK`] connections,
+    /// each removal bounded by the Redis timeout.
+    fn lease_ms(&self) -> u64 {
+        self.ttl.max(self.timeout * 4).as_millis() as u64
+    }
+
+    fn key_ttl_ms() -> u64 {
+        PRESENCE_KEY_TTL.as_millis() as u64
     }
 
     fn room_member(&self, member: &Member) -> String {
@@ -169,16 +239,17 @@ impl Presence {
         Ok(())
     }
 
-    /// Writes (or refreshes) one connection's entries.
+    /// Writes one connection's entries (again: writing twice is harmless), each key expiring
+    /// [`PRESENCE_KEY_TTL`] later. The room's set and the node's hash are in different slots of a
+    /// cluster, so each is its own call, and the user's set is in a third.
     async fn record(
         &self,
         conn: &Conn,
         local: &LocalConnection,
         now: u64,
     ) -> Result<(), redis::RedisError> {
-        let expiry = now + self.ttl_ms();
         let member = self.room_member(&local.member);
-        let ttl = self.ttl_ms() as i64;
+        let ttl = Self::key_ttl_ms() as i64;
         let mut steps: Vec<BoxFuture<'_, Result<(), redis::RedisError>>> =
             Vec::with_capacity(local.rooms.len() + 2);
         for room in &local.rooms {
@@ -186,7 +257,7 @@ impl Presence {
             steps.push(
                 async move {
                     redis::pipe()
-                        .zadd(&key, &member, expiry)
+                        .zadd(&key, &member, now)
                         .ignore()
                         .pexpire(&key, ttl)
                         .ignore()
@@ -207,7 +278,7 @@ impl Presence {
                 redis::pipe()
                     .hset(&node_key, id, stored)
                     .ignore()
-                    .pexpire(&node_key, ttl * 3)
+                    .pexpire(&node_key, ttl)
                     .ignore()
                     .exec_async(&mut c)
                     .await
@@ -217,13 +288,13 @@ impl Presence {
         let mut c = conn.clone();
         steps.push(
             async move {
-                // A heartbeat finds the user not online when Redis forgot them: ONLINE again.
+                // Recorded again after Redis forgot the user: ONLINE again.
                 let decided = scripts::connect(
                     &mut c,
                     &self.node,
                     &local.member,
                     now,
-                    self.ttl_ms(),
+                    Self::key_ttl_ms(),
                     self.statuses.enabled(),
                 )
                 .await?;
@@ -241,7 +312,7 @@ impl Presence {
     }
 
     /// Removes a connection; OFFLINE if it was the user's last anywhere. When Redis cannot be reached the
-    /// removal is retried by the heartbeat (meanwhile the entries expire by themselves).
+    /// removal is retried by the upkeep.
     pub(crate) async fn disconnect(&self, conn: &Conn, member: &Member) -> Result<(), BusError> {
         let Some(local) = lock(&self.local).remove(&member.connection_id) else {
             return Ok(());
@@ -256,14 +327,16 @@ impl Presence {
             let mut pending = lock(&self.pending_removals);
             if pending.len() >= MAX_PENDING_REMOVALS {
                 pending.remove(0);
+                // Its record stays in the node's hash: the upkeep finds it there.
+                self.reconcile.store(true, Ordering::Relaxed);
             }
             pending.push(local);
         }
         result
     }
 
-    /// The connection left `room`: out of the room's set and of the node hash's record, and no longer
-    /// refreshed there by the heartbeat. On failure its entry expires by itself.
+    /// The connection left `room`: out of the room's set and of the node hash's record. On failure its
+    /// entry stays until the connection ends.
     pub(crate) async fn leave(
         &self,
         conn: &Conn,
@@ -294,11 +367,12 @@ impl Presence {
         bounded(self.timeout, "presence leave", record.exec_async(&mut c)).await
     }
 
-    /// Users and connections in `room`, across all nodes, and the page of users `page` asks for.
+    /// Users and connections in `room`, across all live nodes, and the page of users `page` asks for.
     ///
-    /// Reads the room's live entries in one command and pages them here: the totals need every entry
-    /// anyway (users are distinct across connections and nodes), so this costs O(connections in the
-    /// room) in Redis and on the wire to this node, O(page) in the response.
+    /// Reads the room's entries and the live nodes (two commands: different slots of a cluster) and pages
+    /// them here: the totals need every entry anyway (users are distinct across connections and nodes),
+    /// so this costs O(connections in the room + nodes) in Redis and on the wire to this node, O(page) in
+    /// the response.
     pub(crate) async fn snapshot(
         &self,
         conn: &Conn,
@@ -306,18 +380,28 @@ impl Presence {
         page: &PageRequest,
     ) -> Result<PresenceSnapshot, BusError> {
         let key = RoomKeys::new(room).presence;
-        let mut c = conn.clone();
-        let members: Vec<String> = bounded(
+        let (mut c, mut n) = (conn.clone(), conn.clone());
+        let live_after = format!("({}", now_ms());
+        let (members, live): (Vec<String>, Vec<String>) = bounded(
             self.timeout,
             "presence read",
-            c.zrangebyscore(&key, now_ms(), "+inf"),
+            futures::future::try_join(
+                c.zrange(&key, 0, -1),
+                n.zrangebyscore(keys::nodes(), live_after, "+inf"),
+            ),
         )
         .await?;
+        let live: HashSet<&str> = live.iter().map(String::as_str).collect();
         let mut users = BTreeSet::new();
         let mut connections = 0u32;
         for m in &members {
             // `{node}/{connection}/{user}`: node ids and connection ids contain no '/'.
-            if let Some(user) = m.splitn(3, '/').nth(2) {
+            let mut parts = m.splitn(3, '/');
+            let (Some(node), Some(_), Some(user)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            if live.contains(node) {
                 users.insert(user.to_owned());
                 connections = connections.saturating_add(1);
             }
@@ -330,61 +414,86 @@ impl Presence {
         Ok(PresenceSnapshot::page(from, users.len(), connections, page))
     }
 
-    /// Until `cancel` or [`Self::shutdown`]: refreshes the node's registry entry and reaps dead nodes every
-    /// sixth of the TTL, and refreshes every local connection every third of it (see the module docs).
-    /// The two run side by side, so a long refresh of many connections never delays the registry entry.
+    /// Until `cancel` or [`Self::shutdown`], every sixth of the TTL, side by side (so that neither a long
+    /// reap nor a long recording delays the registry entry): refreshes the node's registry entry; reaps
+    /// dead nodes; and the upkeep (see [`Self::upkeep`]), which the refresh also wakes when the node's
+    /// connections must be recorded again.
     pub(crate) async fn run(self: Arc<Self>, conn: Conn, cancel: CancellationToken) {
         let this: &Self = &self;
         let conn = &conn;
-        let previous_run_cleared = std::sync::atomic::AtomicBool::new(false);
-        let cleared = &previous_run_cleared;
+        let period = self.period();
         tokio::join!(
-            // Not interrupted by shutdown: a reap stopped half-way would leave a dead node's users online.
             this.repeat(
-                this.ttl / 6,
+                Every {
+                    period,
+                    what: "node registry refresh",
+                    interruptible: false,
+                    limit: Some(period.max(self.timeout)),
+                    wake: None,
+                },
                 &cancel,
-                false,
-                "node registry refresh",
-                || { this.watch_nodes(conn).boxed() }
+                || this.refresh(conn).boxed()
             ),
-            // Interrupted by shutdown: commands already sent reach Redis before the shutdown's removals
-            // (one connection per shard keeps the order), and those not sent never will be.
-            this.repeat(this.ttl / 3, &cancel, true, "presence heartbeat", || {
-                async move {
-                    if !cleared.load(Ordering::Relaxed) {
-                        this.clear_unknown_entries(conn).await?;
-                        cleared.store(true, Ordering::Relaxed);
-                    }
-                    this.beat(conn).await
-                }
-                .boxed()
-            }),
+            // Not dropped by shutdown: it stops between two chunks and leaves its claim to another node.
+            this.repeat(
+                Every {
+                    period,
+                    what: "reaping dead nodes",
+                    interruptible: false,
+                    limit: None,
+                    wake: None,
+                },
+                &cancel,
+                || this.reap(conn).boxed()
+            ),
+            // Dropped by shutdown: commands already sent reach Redis before the shutdown's removals (one
+            // connection per shard keeps the order), and those not sent never will be.
+            this.repeat(
+                Every {
+                    period,
+                    what: "presence upkeep",
+                    interruptible: true,
+                    limit: None,
+                    wake: Some(&this.wake),
+                },
+                &cancel,
+                || this.upkeep(conn).boxed()
+            ),
         );
     }
 
-    /// Runs `step` every `every` (bounded by it, so a wedged Redis cannot stall the next ones) until
-    /// `cancel` or shutdown. An `interruptible` step in flight is dropped when shutdown begins.
+    /// Runs `step` as `every` says until `cancel` or shutdown.
     async fn repeat<'a>(
         &'a self,
-        every: Duration,
+        every: Every<'_>,
         cancel: &CancellationToken,
-        interruptible: bool,
-        what: &'static str,
         mut step: impl FnMut() -> BoxFuture<'a, Result<(), redis::RedisError>>,
     ) {
-        let mut tick = tokio::time::interval(every);
+        let mut tick = tokio::time::interval(every.period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let woken = || async {
+            match every.wake {
+                Some(wake) => wake.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tick.tick() => {}
+                _ = woken() => {}
             }
             let closed = self.closed.read().await;
             if *closed {
                 return;
             }
-            let step = tokio::time::timeout(every.max(self.timeout), step());
-            let outcome = if interruptible {
+            let step = async {
+                match every.limit {
+                    Some(limit) => tokio::time::timeout(limit, step()).await,
+                    None => Ok(step().await),
+                }
+            };
+            let outcome = if every.interruptible {
                 tokio::select! {
                     outcome = step => outcome,
                     _ = self.closing.cancelled() => return,
@@ -394,84 +503,16 @@ impl Presence {
             };
             match outcome {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "{what} failed"),
-                Err(_) => tracing::warn!("{what} timed out"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "{} failed", every.what),
+                Err(_) => tracing::warn!("{} timed out", every.what),
             }
         }
     }
 
-    /// Refreshes this node's registry entry, then reaps the nodes whose entry expired, but only if this
-    /// node's own previous refresh is recent: after an outage of Redis every node's entry has expired, and
-    /// the node that gets through first must not take all the others for dead.
-    async fn watch_nodes(&self, conn: &Conn) -> Result<(), redis::RedisError> {
-        let now = now_ms();
-        let mut c = conn.clone();
-        let _: () = c
-            .zadd(keys::nodes(), &*self.node, now + self.node_ttl_ms())
-            .await?;
-        let previous = lock(&self.last_refresh).replace(std::time::Instant::now());
-        let node_ttl = Duration::from_millis(self.node_ttl_ms());
-        if previous.is_some_and(|at| at.elapsed() < node_ttl) {
-            self.reap(conn, now).await?;
-        }
-        Ok(())
-    }
-
-    /// Refreshes every local connection, then retries failed removals.
-    async fn beat(&self, conn: &Conn) -> Result<(), redis::RedisError> {
-        let now = now_ms();
-        let locals: Vec<LocalConnection> = lock(&self.local).values().cloned().collect();
-        let beats: Vec<BoxFuture<'_, Result<(), redis::RedisError>>> = locals
-            .into_iter()
-            .map(|l| {
-                async move {
-                    self.record(conn, &l, now).await?;
-                    // The stream ended while it was being refreshed: its removal may have run before
-                    // this refresh and been undone by it. Remove it again (removal is idempotent).
-                    if !lock(&self.local).contains_key(&l.member.connection_id) {
-                        self.remove(conn, &self.node, &l.member, &l.rooms).await?;
-                    }
-                    Ok(())
-                }
-                .boxed()
-            })
-            .collect();
-        let results: Vec<_> = futures::stream::iter(beats)
-            .buffer_unordered(CONCURRENCY)
-            .collect()
-            .await;
-        if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
-            return Err(e);
-        }
-        self.retry_removals(conn).await;
-        Ok(())
-    }
-
-    /// Removes this node's entries that it does not know: those of an earlier run under the same node id
-    /// (killed before it could say goodbye, and not reaped because this run keeps the node id alive).
-    /// Safe at any time: a connection is tracked locally before its entry is written, and removal is
-    /// idempotent.
-    async fn clear_unknown_entries(&self, conn: &Conn) -> Result<(), redis::RedisError> {
-        let mut c = conn.clone();
-        let stored: HashMap<String, String> = c.hgetall(keys::node_connections(&self.node)).await?;
-        let unknown: Vec<(String, String)> = {
-            let local = lock(&self.local);
-            stored
-                .into_iter()
-                .filter(|(id, _)| !local.contains_key(id))
-                .collect()
-        };
-        if unknown.is_empty() {
-            return Ok(());
-        }
-        let removed = self.remove_stored(conn, &self.node, unknown).await?;
-        tracing::info!(node = %self.node, connections = removed, "removed the connections of an earlier run of this node");
-        Ok(())
-    }
-
     /// Says goodbye: removes every connection of this node (OFFLINE for users with no other) and its
-    /// registry entry, and stops the heartbeats. If Redis fails part of it, the node's registry entry is
-    /// marked expired instead, so that live nodes reap the rest at once. Returns the connections removed.
+    /// registry entry, and stops the periodic work. If Redis fails part of it, the node's registry entry
+    /// is marked expired instead, so that live nodes reap the rest at once. Returns the connections
+    /// removed.
     pub(crate) async fn shutdown(&self, conn: &Conn) -> Result<usize, BusError> {
         self.closing.cancel();
         let mut closed = self.closed.write().await;
@@ -479,6 +520,7 @@ impl Presence {
         let mut gone: Vec<LocalConnection> = lock(&self.local).drain().map(|(_, l)| l).collect();
         gone.append(&mut lock(&self.pending_removals));
         let count = gone.len();
+        // Every removal is tried, also after one failed (in a cluster, one shard may be down).
         let removals: Vec<BoxFuture<'_, Result<(), redis::RedisError>>> = gone
             .iter()
             .map(|l| self.remove(conn, &self.node, &l.member, &l.rooms).boxed())
@@ -510,7 +552,7 @@ impl Presence {
     }
 
     /// Removes what is still in the node's hash after the local connections were removed: a connection
-    /// that ended during the heartbeat that shutdown interrupted may have been written back by it.
+    /// that ended during the recording that shutdown interrupted may have been written back by it.
     async fn remove_the_rest(&self, conn: &Conn) -> Result<usize, redis::RedisError> {
         let mut c = conn.clone();
         let rest: HashMap<String, String> = c.hgetall(keys::node_connections(&self.node)).await?;
@@ -544,50 +586,13 @@ impl Presence {
         lock(&self.pending_removals).extend(failed);
     }
 
-    /// Reaps nodes whose registry entry expired: one live node wins each (ZREM returns 1 to one caller).
-    /// If the reaping fails half-way the node is put back, expired, for the next try.
-    async fn reap(&self, conn: &Conn, now: u64) -> Result<(), redis::RedisError> {
-        let mut c = conn.clone();
-        let dead: Vec<String> = c
-            .zrangebyscore_limit(keys::nodes(), "-inf", now, 0, REAP_PER_BEAT)
-            .await?;
-        for node in dead {
-            if *node == *self.node {
-                continue;
-            }
-            let won: i64 = c.zrem(keys::nodes(), &node).await?;
-            if won == 0 {
-                continue;
-            }
-            let reaped = async {
-                let hash = keys::node_connections(&node);
-                let connections: HashMap<String, String> = c.clone().hgetall(&hash).await?;
-                let offline = self
-                    .remove_stored(conn, &node, connections.into_iter().collect())
-                    .await?;
-                let _: () = c.clone().del(&hash).await?;
-                Ok::<_, redis::RedisError>(offline)
-            }
-            .await;
-            match reaped {
-                Ok(offline) => {
-                    tracing::info!(node = %node, connections = offline, "reaped a node that stopped heartbeating")
-                }
-                Err(e) => {
-                    let _: Result<(), _> = c.zadd(keys::nodes(), &node, 0).await;
-                    return Err(e);
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// This node's connections (for tests and metrics).
     pub(crate) fn local_count(&self) -> usize {
         lock(&self.local).len()
     }
 
-    /// Removes connections of `node` as stored in its hash (`id -> JSON`), concurrently. Returns how many.
+    /// Removes connections of `node` as stored in its hash (`id -> JSON`), concurrently, each tried also
+    /// after one failed (the first failure is returned). Returns how many.
     async fn remove_stored(
         &self,
         conn: &Conn,
@@ -629,7 +634,7 @@ impl Presence {
             let _: () = c.zrem(RoomKeys::new(room).presence, &room_member).await?;
         }
         let enabled = self.statuses.enabled();
-        if scripts::disconnect(&mut c, node, member, now_ms(), self.ttl_ms(), enabled).await? {
+        if scripts::disconnect(&mut c, node, member, Self::key_ttl_ms(), enabled).await? {
             self.statuses.mark(&member.tenant);
         }
         let _: () = c
