@@ -14,8 +14,9 @@
 //! - a user who came and went within a window is not announced at all (the net change, or none);
 //! - whatever the order in which nodes settle, what the tenant room was told ends equal to the truth:
 //!   the last transition marked the user dirty, and the settle after it compares against the truth;
-//! - with several nodes a tenant gets at most one event per window per node (a settle takes every dirty
-//!   user of the tenant, also those other nodes marked, so often fewer).
+//! - with several nodes (Redis) a tenant gets at most one event per spacing (below) cluster-wide: a settle
+//!   takes every dirty user of the tenant, also those other nodes marked, and one that comes too soon
+//!   after any node's last event waits ([`Outcome::Wait`]); a node saying goodbye publishes at once.
 //!
 //! Every event reaches each online user of the tenant, and one delivery (a write on that user's own
 //! connection) costs far more than the few bytes a change adds to it. So a tenant is also settled at most
@@ -41,7 +42,7 @@ use crate::rooms::Room;
 /// Default `--status-window-ms`.
 pub const DEFAULT_STATUS_WINDOW_MS: u64 = 250;
 /// Changes in one `PresenceDiff` event at most; a settle with more publishes several events.
-pub const MAX_CHANGES_PER_EVENT: usize = 1000;
+pub const MAX_CHANGES_PER_EVENT: usize = 4096;
 /// After a failed settle (the bus is down), the next try waits at least this long.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Separates the ids of a `PresenceDiff` list (the room grammar keeps it out of ids).
@@ -94,12 +95,22 @@ impl StatusSettings {
     }
 }
 
+/// What settling a tenant did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Settled; `audience`: the users its room has now been told are online.
+    Settled { audience: usize },
+    /// Another node published the tenant's last event too recently (the spacing holds cluster-wide on
+    /// Redis): nothing was taken; settle again after this long.
+    Wait(Duration),
+}
+
 /// Publishes the settled changes of one tenant (see the module docs). Implemented by each bus.
 #[async_trait]
 pub(crate) trait Settle: Send + Sync + 'static {
     /// Publishes the difference between the tenant's dirty users' states and what its room was told.
-    /// Returns the tenant's audience: the users its room has now been told are online.
-    async fn settle(&self, tenant: &str) -> Result<usize, BusError>;
+    /// Not `spaced` (a node saying goodbye): whatever the tenant's spacing, never [`Outcome::Wait`].
+    async fn settle(&self, tenant: &str, spaced: bool) -> Result<Outcome, BusError>;
 }
 
 /// The tenants this node made dirty since their last settle (at most the tenants with connections on
@@ -183,10 +194,16 @@ impl StatusWindow {
         };
         let mut failed = false;
         for tenant in tenants {
-            match settle.settle(&tenant).await {
-                Ok(audience) => {
+            match settle.settle(&tenant, now.is_some()).await {
+                Ok(Outcome::Settled { audience }) => {
                     let next = Instant::now() + self.settings.spacing(audience);
                     self.state().not_before.insert(tenant, next);
+                }
+                Ok(Outcome::Wait(wait)) => {
+                    let next = Instant::now() + wait;
+                    let mut state = self.state();
+                    state.dirty.insert(tenant.clone());
+                    state.not_before.insert(tenant, next);
                 }
                 Err(e) => {
                     tracing::warn!(tenant = %tenant, error = %e, "publishing user statuses failed; retrying");
@@ -308,10 +325,10 @@ mod tests {
 
     #[async_trait]
     impl Settle for Count {
-        async fn settle(&self, tenant: &str) -> Result<usize, BusError> {
+        async fn settle(&self, tenant: &str, _spaced: bool) -> Result<Outcome, BusError> {
             self.0.fetch_add(1, Ordering::SeqCst);
             self.1.lock().unwrap().push(tenant.to_owned());
-            Ok(self.2)
+            Ok(Outcome::Settled { audience: self.2 })
         }
     }
 

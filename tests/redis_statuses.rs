@@ -198,3 +198,45 @@ async fn a_user_moving_between_nodes_is_not_announced_whatever_order_the_nodes_s
     assert_eq!(next.id, marker, "a status was published: {next:?}");
     assert!(tenant_users(&a).await.contains("u1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_big_tenants_events_are_spaced_cluster_wide_and_one_settle_takes_every_nodes_changes() {
+    let redis = RedisServer::start().await;
+    // 50 users online and 50 deliveries/s: one event a second at most, whichever node publishes it.
+    let spaced = |c: &mut lamplight::Config| {
+        c.status_window_ms = 100;
+        c.status_deliveries_per_sec = 50;
+    };
+    let (a, b) = (node(&redis, spaced).await, node(&redis, spaced).await);
+    let mut svc = b.client(&publisher_token()).await;
+    let (mut statuses, _) = subscribe(&mut svc, &["tenant:t1"], &[]).await.unwrap();
+    let mut streams = Vec::new();
+    let mut all = BTreeSet::new();
+    for i in 0..50 {
+        let user = format!("u{i:02}");
+        streams.push(open(&a, &user).await);
+        all.insert(user);
+    }
+    let mut seen = OnlineSet::default();
+    seen.until(&mut statuses, &all, Duration::from_secs(60))
+        .await;
+    let last = tokio::time::Instant::now();
+    let events = seen.events;
+
+    // One new user on each node: each node decided one ONLINE, and each settles 100 ms later.
+    streams.push(open(&a, "x1").await);
+    streams.push(open(&b, "x2").await);
+    all.extend(["x1".to_owned(), "x2".to_owned()]);
+    seen.until(&mut statuses, &all, Duration::from_secs(30))
+        .await;
+    let gap = last.elapsed();
+    assert!(
+        gap >= Duration::from_millis(700),
+        "the next status event came {gap:?} after the previous one: not spaced cluster-wide (1 s)"
+    );
+    assert_eq!(
+        seen.events,
+        events + 1,
+        "the first node to settle took both nodes' changes"
+    );
+}

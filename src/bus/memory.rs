@@ -24,7 +24,9 @@ use super::{
 use crate::metrics::ROOMS_LOCAL;
 use crate::presence::{Member, PageRequest, PresenceSnapshot, PresenceTable, Transition};
 use crate::proto::v1::Event;
-use crate::statuses::{diff_event, Settle, StatusSettings, StatusWindow, MAX_CHANGES_PER_EVENT};
+use crate::statuses::{
+    diff_event, Outcome, Settle, StatusSettings, StatusWindow, MAX_CHANGES_PER_EVENT,
+};
 
 /// Most idempotency keys remembered at once; past it the oldest are forgotten early.
 pub const MAX_IDEMPOTENCY_KEYS: usize = 100_000;
@@ -260,14 +262,16 @@ impl Inner {
 impl Settle for Inner {
     /// Settles and publishes under the presence lock, so that the diffs reach the tenant room in the
     /// order they were settled.
-    async fn settle(&self, tenant: &str) -> Result<usize, BusError> {
+    async fn settle(&self, tenant: &str, _spaced: bool) -> Result<Outcome, BusError> {
         let mut presence = lock(&self.presence);
         let changes = presence.settle(tenant);
         for chunk in changes.chunks(MAX_CHANGES_PER_EVENT) {
             self.publish_now(diff_event(tenant, chunk));
             crate::statuses::count_published(chunk.len());
         }
-        Ok(presence.told_online(tenant))
+        Ok(Outcome::Settled {
+            audience: presence.told_online(tenant),
+        })
     }
 }
 

@@ -92,6 +92,8 @@ pub(crate) struct TenantKeys {
     pub(crate) dirty: String,
     /// Set of the users the tenant room was last told are online.
     pub(crate) told: String,
+    /// When (Redis's clock, ms) the tenant's next status event may be published, cluster-wide.
+    pub(crate) next_settle: String,
 }
 
 impl TenantKeys {
@@ -101,6 +103,7 @@ impl TenantKeys {
             online: format!("{PREFIX}:{{{tenant_room}}}:online"),
             dirty: format!("{PREFIX}:{{{tenant_room}}}:status-dirty"),
             told: format!("{PREFIX}:{{{tenant_room}}}:status-told"),
+            next_settle: format!("{PREFIX}:{{{tenant_room}}}:status-next"),
         }
     }
 }

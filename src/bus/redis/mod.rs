@@ -58,7 +58,9 @@ use crate::auth::{Revocation, MAX_REVOCATIONS};
 use crate::bus::IDEMPOTENCY_TTL;
 use crate::presence::{Member, PageRequest, PresenceSnapshot};
 use crate::proto::v1::Event;
-use crate::statuses::{diff_event, Settle, StatusSettings, StatusWindow, MAX_CHANGES_PER_EVENT};
+use crate::statuses::{
+    diff_event, Outcome, Settle, StatusSettings, StatusWindow, MAX_CHANGES_PER_EVENT,
+};
 use crate::wire::SharedResponse;
 
 /// Settings of a [`RedisBus`].
@@ -169,6 +171,7 @@ impl RedisBus {
         let settler = Arc::new(Settler {
             conn: cmd.clone(),
             settings,
+            statuses: options.statuses,
             timeout,
         });
         tokio::spawn(
@@ -223,15 +226,19 @@ impl RedisBus {
 struct Settler {
     conn: Conn,
     settings: RoomSettings,
+    statuses: StatusSettings,
     timeout: Duration,
 }
 
 #[async_trait]
 impl Settle for Settler {
-    async fn settle(&self, tenant: &str) -> Result<usize, BusError> {
+    /// One round: settles until no dirty user is left, each settle publishing at most one event. Only
+    /// its first settle is gated by the tenant's cluster-wide spacing (the rest belong to this round).
+    async fn settle(&self, tenant: &str, spaced: bool) -> Result<Outcome, BusError> {
         let mut head = diff_event(tenant, &[]);
         head.payload = None;
         let head = head.encode_to_vec();
+        let mut gated = spaced;
         loop {
             let mut conn = self.conn.clone();
             let settled = bounded(
@@ -244,14 +251,21 @@ impl Settle for Settler {
                     MAX_CHANGES_PER_EVENT,
                     keys::PRESENCE_KEY_TTL.as_millis() as u64,
                     self.settings,
+                    self.statuses,
+                    std::mem::replace(&mut gated, false),
                 ),
             )
             .await?;
+            if settled.wait_ms > 0 {
+                return Ok(Outcome::Wait(Duration::from_millis(settled.wait_ms)));
+            }
             if settled.published > 0 {
                 crate::statuses::count_published(settled.published);
             }
             if settled.remaining == 0 || settled.taken == 0 {
-                return Ok(settled.told_online);
+                return Ok(Outcome::Settled {
+                    audience: settled.told_online,
+                });
             }
         }
     }

@@ -16,6 +16,7 @@ use super::ids::{random_token, StreamId};
 use super::keys::{nodes, RoomKeys, TenantKeys, UserKeys};
 use crate::presence::Member;
 use crate::rooms::Room;
+use crate::statuses::{StatusSettings, MAX_STATUS_SPACING};
 
 macro_rules! script {
     ($file:literal) => {
@@ -325,10 +326,16 @@ pub(crate) struct Settled {
     pub(crate) remaining: usize,
     /// Users the tenant room has been told are online.
     pub(crate) told_online: usize,
+    /// A gated settle came before the tenant's next event may be published: it took nothing; wait
+    /// this long (ms). 0 otherwise.
+    pub(crate) wait_ms: u64,
 }
 
 /// Takes up to `max` dirty users of the tenant and publishes, as one `PresenceDiff` event built on `head`
 /// (the encoded event without id and payload), those whose state differs from what its room was told.
+/// `gated` (the first settle of a round): nothing is taken before the tenant's spacing since its last
+/// event, cluster-wide, has passed (see `lua/settle.lua`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn settle(
     conn: &mut Conn,
     tenant: &str,
@@ -336,30 +343,39 @@ pub(crate) async fn settle(
     max: usize,
     told_ttl_ms: u64,
     settings: RoomSettings,
+    statuses: StatusSettings,
+    gated: bool,
 ) -> Result<Settled, redis::RedisError> {
     let tenant_room = Room::tenant_room(tenant);
     let keys = TenantKeys::new(&tenant_room);
     let room = RoomKeys::new(&tenant_room);
-    let (taken, published, remaining, told_online): (usize, usize, usize, usize) = SETTLE
-        .key(&keys.dirty)
-        .key(&keys.online)
-        .key(&keys.told)
-        .key(&room.stream)
-        .key(&room.meta)
-        .arg(head)
-        .arg(max.max(1))
-        .arg(settings.history_size)
-        .arg(settings.ttl_ms)
-        .arg(random_token(EPOCH_LEN))
-        .arg(&room.channel)
-        .arg(if settings.sharded { "1" } else { "0" })
-        .arg(told_ttl_ms)
-        .invoke_async(conn)
-        .await?;
+    let (taken, published, remaining, told_online, wait_ms): (usize, usize, usize, usize, u64) =
+        SETTLE
+            .key(&keys.dirty)
+            .key(&keys.online)
+            .key(&keys.told)
+            .key(&room.stream)
+            .key(&room.meta)
+            .key(&keys.next_settle)
+            .arg(head)
+            .arg(max.max(1))
+            .arg(settings.history_size)
+            .arg(settings.ttl_ms)
+            .arg(random_token(EPOCH_LEN))
+            .arg(&room.channel)
+            .arg(if settings.sharded { "1" } else { "0" })
+            .arg(told_ttl_ms)
+            .arg(statuses.window.as_millis() as u64)
+            .arg(statuses.deliveries_per_sec)
+            .arg(MAX_STATUS_SPACING.as_millis() as u64)
+            .arg(if gated { "1" } else { "0" })
+            .invoke_async(conn)
+            .await?;
     Ok(Settled {
         taken,
         published,
         remaining,
         told_online,
+        wait_ms,
     })
 }
