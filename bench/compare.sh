@@ -22,7 +22,11 @@
 #   REDIS_PORT [6391]    a private redis-server for the peer and two-node lamplight (never 6379)
 #   BASE_PORT [3200]     servers listen on BASE_PORT and BASE_PORT+1
 #   FIXED_T [30] SAT_T [10] IDLE_HOLD [30]  seconds; START_RATE [800] first step of the saturation ramps
-#   STORM_SIZES ["10000 20000"; QUICK: 2000]  storm users; STORM_NODES ["1 2"] lamplight bench storm nodes
+#   STORM_SIZES ["9000 18000"; QUICK: 2000]  storm users; STORM_NODES ["1 2"] lamplight bench storm nodes.
+#                        Each user is one socket in the loadgen and one in a server: a storm of N needs
+#                        ulimit -n >= N + 2000, and machines of this kind have a hard limit of 20,000 (not
+#                        raisable here), so the 2x step the issue asks for (10,000 -> 20,000) is measured
+#                        as 9,000 -> 18,000.
 #   OUT [target/bench-compare/<utc time>]
 #
 # What runs (loadgen arguments as in peers/README.md, so the peer's RESULTS.md figures are reproduced):
@@ -59,7 +63,7 @@ else
   ONLY=${ONLY:-"fixed sat twonode idle"}
   FIXED_T=${FIXED_T:-30}; SAT_T=${SAT_T:-10}; IDLE_HOLD=${IDLE_HOLD:-30}; WARM=5; SETTLE=10
   IDLE_SIZES=${IDLE_SIZES:-"5000 10000"}
-  STORM_SIZES=${STORM_SIZES:-"10000 20000"}
+  STORM_SIZES=${STORM_SIZES:-"9000 18000"}
 fi
 STORM_NODES=${STORM_NODES:-"1 2"}
 START_RATE=${START_RATE:-800}
@@ -148,10 +152,22 @@ start_server() {
 
 stop_server() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
+# A storm's N connects need N free local ports out of ~28,000 (ip_local_port_range), and the previous run's
+# sockets stay in TIME_WAIT for 60 s: so that every target's storm starts from the same port space, each
+# starts after they have drained (at most 65 s).
+drain_time_wait() {
+  local i
+  for i in $(seq 65); do
+    [ "$(ss -Htan state time-wait | wc -l)" -lt 1000 ] && return 0
+    sleep 1
+  done
+}
+
 # run TARGET NODES NAME LOADGEN-ARGS...
 run() {
   local target=$1 nodes=$2 name=$3; shift 3
   local p1 p2 addr pids
+  case $name in storm*) drain_time_wait ;; esac
   start_server "$target" "$BASE_PORT" "$nodes"; p1=$SPID
   addr="127.0.0.1:$BASE_PORT"; pids=$p1
   if [ "$nodes" = 2 ]; then
@@ -182,6 +198,7 @@ both() { # NODES NAME ARGS...: every target in turn (the peer first)
 lamplight_storm() {
   local target=$1 nodes=$2 users=$3 name="storm-n$2-S$3"
   local dir="$OUT/$target/storm/$name.$(date -u +%H%M%S)" extra="" redis="" addrs="" metrics="" n port
+  drain_time_wait
   mkdir -p "$dir"
   [ "$target" = grpc-1w ] && extra="--worker-threads 1"
   [ "$nodes" = 2 ] && redis="--redis-url $REDIS_URL"
