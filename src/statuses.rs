@@ -51,7 +51,7 @@ pub const ID_SEPARATOR: char = '\n';
 pub const STATUS_EVENT_TYPE: &str = "user.status";
 
 /// Default `--status-deliveries-per-sec`.
-pub const DEFAULT_STATUS_DELIVERIES_PER_SEC: u32 = 10_000;
+pub const DEFAULT_STATUS_DELIVERIES_PER_SEC: u32 = 2_500;
 /// The longest a tenant's status events are spaced, whatever its size.
 pub const MAX_STATUS_SPACING: Duration = Duration::from_secs(5);
 
@@ -367,7 +367,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_big_tenant_is_settled_at_most_every_audience_over_rate() {
         // 10,000 deliveries/s and an audience of 5,000 users: at most every 500 ms.
-        let window = StatusWindow::new(StatusSettings::default());
+        let window = StatusWindow::new(StatusSettings {
+            deliveries_per_sec: 10_000,
+            ..Default::default()
+        });
         let count = Arc::new(Count(AtomicUsize::new(0), Mutex::new(Vec::new()), 5_000));
         let cancel = CancellationToken::new();
         tokio::spawn(window.clone().run(Arc::downgrade(&count), cancel.clone()));
@@ -406,7 +409,10 @@ mod tests {
 
     #[test]
     fn spacing_grows_with_the_audience_within_bounds() {
-        let settings = StatusSettings::default();
+        let settings = StatusSettings {
+            deliveries_per_sec: 10_000,
+            ..Default::default()
+        };
         assert_eq!(settings.spacing(0), settings.window);
         assert_eq!(
             settings.spacing(1_000),
