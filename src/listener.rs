@@ -147,7 +147,7 @@ pub async fn serve<S, B>(
             builder.clone(),
             stream,
             tls.clone(),
-            app.clone(),
+            Box::new(app.clone()),
             handle,
             info,
             permit,
@@ -186,18 +186,23 @@ fn configure(stream: &TcpStream, keepalive: Duration) {
 /// dropped after [`CLOSE_GRACE`] (or the shutdown grace) if it has not ended by then. A connection that
 /// sends nothing within `first_bytes` is closed.
 #[allow(clippy::too_many_arguments)]
-async fn serve_connection<S, B>(
+// Not an async fn, which would keep a second copy of its arguments in the task for the connection's life
+// (the 448-byte service among them): see `async move` below.
+#[allow(clippy::manual_async_fn)]
+fn serve_connection<S, B>(
     builder: Arc<Builder<TokioExecutor>>,
     stream: TcpStream,
     tls: Option<TlsAcceptor>,
-    app: S,
+    // Boxed: it moves into the connection, and its place in this task's state would stay taken.
+    app: Box<S>,
     handle: ConnectionHandle,
     info: TcpConnectInfo,
     permit: OwnedSemaphorePermit,
     shutdown: CancellationToken,
     shutdown_grace: Duration,
     first_bytes: Duration,
-) where
+) -> impl std::future::Future<Output = ()> + Send
+where
     S: tower::Service<Request<tonic::body::Body>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
@@ -207,61 +212,73 @@ async fn serve_connection<S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let peer: Option<SocketAddr> = info.remote_addr;
-    // hyper's header read timeout starts once it knows the protocol, which it learns from the first bytes:
-    // a client that connects and sends nothing would hold its place for ever. It gets the same time.
-    let mut first = [0u8; 1];
-    match tokio::time::timeout(first_bytes, stream.peek(&mut first)).await {
-        Ok(Ok(n)) if n > 0 => {}
-        _ => {
-            tracing::debug!(?peer, "connection closed: nothing received");
-            return;
-        }
-    }
-    // The handshake gets the same time as the first bytes: a client that stalls in it is closed too.
-    let stream = match tls {
-        None => Io::Plain(stream),
-        Some(tls) => match tokio::time::timeout(first_bytes, tls.accept(stream)).await {
-            Ok(Ok(stream)) => Io::Tls(Box::new(stream)),
-            Ok(Err(e)) => {
-                tracing::debug!(?peer, error = %e, "TLS handshake failed");
+    // The arguments are the block's captures, used in place.
+    async move {
+        let peer: Option<SocketAddr> = info.remote_addr;
+        // hyper's header read timeout starts once it knows the protocol, which it learns from the first bytes:
+        // a client that connects and sends nothing would hold its place for ever. It gets the same time.
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(first_bytes, stream.peek(&mut first)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => {
+                tracing::debug!(?peer, "connection closed: nothing received");
                 return;
             }
-            Err(_) => {
-                tracing::debug!(?peer, "connection closed: TLS handshake not done in time");
-                return;
+        }
+        // The handshake gets the same time as the first bytes: a client that stalls in it is closed too.
+        let stream = match tls {
+            None => Io::Plain(stream),
+            // Boxed: a TLS handshake's state (rustls' connection, about 2 KiB) is the largest this task ever
+            // holds; inline it would size every connection's task for its whole life, TLS or not.
+            Some(tls) => {
+                match tokio::time::timeout(first_bytes, Box::pin(tls.accept(stream))).await {
+                    Ok(Ok(stream)) => Io::Tls(Box::new(stream)),
+                    Ok(Err(e)) => {
+                        tracing::debug!(?peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(?peer, "connection closed: TLS handshake not done in time");
+                        return;
+                    }
+                }
             }
-        },
-    };
-    metrics::gauge!(CONNECTIONS_OPEN).increment(1.0);
-    let closing = handle.closing().clone();
-    let service = tower::ServiceBuilder::new()
-        .map_request(move |mut req: Request<Incoming>| {
-            req.extensions_mut().insert(handle.clone());
-            req.extensions_mut().insert(info.clone());
-            req.map(tonic::body::Body::new)
-        })
-        .service(app);
-    let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
-    tokio::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => {
-            if let Err(e) = result {
-                tracing::debug!(?peer, error = %e, "connection ended with an error");
+        };
+        metrics::gauge!(CONNECTIONS_OPEN).increment(1.0);
+        let closing = handle.closing().clone();
+        let service = tower::ServiceBuilder::new()
+            .map_request(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(handle.clone());
+                req.extensions_mut().insert(info.clone());
+                req.map(tonic::body::Body::new)
+            })
+            // Out of its box, which is freed now rather than with this task.
+            .service({
+                let app = app;
+                *app
+            });
+        let conn =
+            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+        tokio::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(?peer, error = %e, "connection ended with an error");
+                }
+            }
+            _ = closing.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let grace = if shutdown.is_cancelled() { shutdown_grace } else { CLOSE_GRACE };
+                match tokio::time::timeout(grace, conn.as_mut()).await {
+                    Ok(Err(e)) => tracing::debug!(?peer, error = %e, "connection ended with an error"),
+                    Ok(Ok(())) => {}
+                    Err(_) => tracing::debug!(?peer, "connection dropped: it did not close within its grace"),
+                }
             }
         }
-        _ = closing.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let grace = if shutdown.is_cancelled() { shutdown_grace } else { CLOSE_GRACE };
-            match tokio::time::timeout(grace, conn.as_mut()).await {
-                Ok(Err(e)) => tracing::debug!(?peer, error = %e, "connection ended with an error"),
-                Ok(Ok(())) => {}
-                Err(_) => tracing::debug!(?peer, "connection dropped: it did not close within its grace"),
-            }
-        }
+        metrics::gauge!(CONNECTIONS_OPEN).decrement(1.0);
+        drop(permit);
     }
-    metrics::gauge!(CONNECTIONS_OPEN).decrement(1.0);
-    drop(permit);
 }
 
 /// A served connection: plain TCP, or TLS over it.

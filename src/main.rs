@@ -47,3 +47,26 @@ fn main() -> anyhow::Result<()> {
     runtime.shutdown_background();
     Ok(())
 }
+
+/// jemalloc, not the system's malloc: after a connect storm glibc keeps every page the closed connections
+/// used (a node that once held 10,000 idle connections stays at its peak RSS), while jemalloc's background
+/// thread gives them back within seconds (`dirty_decay_ms`, 10 s). Idle memory per connection is the same
+/// with both; mimalloc measured half as much again. Figures: BENCHMARKS.md (issue 13).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's built-in options (the `_RJEM_MALLOC_CONF` environment variable adds to them): a background
+/// thread that purges unused pages on its own, so memory is returned even while the server sits idle.
+#[cfg(not(target_env = "msvc"))]
+#[export_name = "_rjem_malloc_conf"]
+static MALLOC_CONF: MallocConf = MallocConf(c"background_thread:true".as_ptr());
+
+/// A C string pointer jemalloc reads as `const char *malloc_conf` at start-up.
+#[cfg(not(target_env = "msvc"))]
+#[repr(transparent)]
+struct MallocConf(*const std::ffi::c_char);
+
+// SAFETY: the pointer is to a `'static` C string literal, never written.
+#[cfg(not(target_env = "msvc"))]
+unsafe impl Sync for MallocConf {}

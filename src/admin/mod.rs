@@ -23,8 +23,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tonic::{Request, Response, Status};
 
 pub use node::{start, CONTROL_QUEUE};
-pub(crate) use streams::Ending;
 pub use streams::LiveStreams;
+pub(crate) use streams::{Ending, LiveTicket, StreamControl};
 
 use crate::auth::{self, Principal, Revocation};
 use crate::bus::control::Control;

@@ -9,8 +9,9 @@
 //!
 //! Fan-out is the hot path, so the inbox is a plain queue under a lock that is rarely contended (the bus
 //! offers, the stream takes): an offer to an inbox that already holds items does not wake the stream again,
-//! and the stream takes everything queued at once, with one lock per batch rather than per item. An idle
-//! inbox holds no buffer, and a stream gives back the buffer a burst grew when it runs dry.
+//! and the stream takes everything queued at once, with one lock per batch rather than per item. A new
+//! inbox holds no buffer, a stream gives back the buffer a burst grew when it runs dry, and an idle one
+//! gives back the rest at its heartbeat ([`SinkReceiver::release_idle`]).
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -201,6 +202,20 @@ impl SinkReceiver {
         self.batch.pop_front()
     }
 
+    /// Gives back both buffers if the inbox is empty, so that an idle stream holds none: the stream
+    /// calls this at its heartbeat. (Running dry keeps up to [`KEEP_CAPACITY`] items of buffer, so that a
+    /// stream fed steadily does not allocate per event.)
+    pub fn release_idle(&mut self) {
+        if !self.batch.is_empty() {
+            return;
+        }
+        self.batch = VecDeque::new();
+        let mut queue = self.shared.queue();
+        if queue.items.is_empty() {
+            queue.items = VecDeque::new();
+        }
+    }
+
     /// True once an offer found the inbox full.
     pub fn overflowed(&self) -> bool {
         self.shared.overflowed.load(Ordering::Relaxed)
@@ -271,6 +286,29 @@ mod tests {
         assert!(!tx.offer(item()), "a second one exceeds 150 bytes");
         assert!(rx.overflowed());
         assert!(rx.recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_idle_inbox_gives_back_its_buffers_and_a_busy_one_keeps_its_items() {
+        let (tx, mut rx) = sink(8);
+        assert!(tx.offer(reset(1)));
+        assert!(rx.recv().await.is_some());
+        assert!(tx.offer(reset(2)));
+        assert!(rx.recv().await.is_some());
+        let held = rx.batch.capacity() + rx.shared.queue().items.capacity();
+        assert!(held > 0, "running dry keeps the buffers a burst grew");
+        rx.release_idle();
+        assert_eq!(rx.batch.capacity(), 0);
+        assert_eq!(rx.shared.queue().items.capacity(), 0);
+        // Items queued at the heartbeat stay, in order.
+        assert!(tx.offer(reset(3)));
+        assert!(tx.offer(reset(4)));
+        assert_eq!(reason(rx.try_recv()).as_deref(), Some("3"));
+        rx.release_idle();
+        assert!(tx.offer(reset(5)));
+        rx.release_idle();
+        assert_eq!(reason(rx.recv().await).as_deref(), Some("4"));
+        assert_eq!(reason(rx.recv().await).as_deref(), Some("5"));
     }
 
     #[tokio::test]

@@ -26,13 +26,14 @@ use tokio_util::task::TaskTracker;
 use tonic::Status;
 
 use super::EventApi;
-use crate::admin::Ending;
+use crate::admin::{Ending, LiveTicket, StreamControl};
 use crate::auth::Principal;
 use crate::bus::{
-    sink_with_bytes, Bus, BusError, Lease, Page, Position, Recovery, RoomFeed, RoomItem,
+    sink_with_bytes, Bus, BusError, Lease, Page, Position, Recovery, RoomFeed, RoomItem, Sink,
     StoredEvent,
 };
 use crate::error::{ServiceError, StreamEnd};
+use crate::limits::StreamPermit;
 use crate::metrics::{StreamGuard, EVENTS_DELIVERED};
 use crate::policy;
 use crate::presence::Member;
@@ -100,15 +101,15 @@ impl EventApi {
             .await?;
         let mut first = Vec::with_capacity(rooms.len());
         let mut replays = Vec::with_capacity(rooms.len());
-        let mut leases: HashMap<String, Lease> = HashMap::with_capacity(rooms.len());
-        let mut position: BTreeMap<String, String> = BTreeMap::new();
+        let mut leases: Vec<(String, Lease)> = Vec::with_capacity(rooms.len());
+        let mut position = Resume::with_capacity(rooms.len());
         let mut newest = Newest::default();
         let mut aliases = Aliases::default();
         for (room, (since, feed)) in rooms.iter().zip(feeds) {
             if room.name != room.canonical {
                 aliases
                     .0
-                    .insert(room.canonical.as_str().into(), room.name.clone());
+                    .push((room.canonical.as_str().into(), room.name.clone()));
             }
             let recovered = feed.recovery == Recovery::Recovered;
             let reset = match feed.recovery {
@@ -125,14 +126,22 @@ impl EventApi {
             });
             // Until its replay is sent, a room stands where the client said.
             let start = since.filter(|_| recovered).unwrap_or(&feed.last_event_id);
-            position.insert(room.name.clone(), start.to_owned());
+            position.set(&room.name, start);
             replays.push((room.name.clone(), reset, feed.replay, feed.last_event_id));
-            leases.insert(room.canonical.clone(), feed.lease);
+            leases.push((room.canonical.clone(), feed.lease));
         }
+        aliases.0.shrink_to_fit();
         let subscribed =
             SharedResponse::from_message(Kind::Subscribed(Subscribed { rooms: first }));
 
         let presence = PresenceGuard::connect(&inner, &principal, &canonical).await?;
+        let mut held = Held {
+            leases,
+            presence,
+            live,
+            _sink: sink,
+            _permit: permit,
+        };
         let server_shutdown = inner.shutdown.clone();
         // Cancelled on shutdown (a child of the server's token) and when the server closes the connection.
         let closing = connection
@@ -149,16 +158,12 @@ impl EventApi {
         tracing::debug!(user = %principal.user_id, rooms = ?canonical, "stream opened");
 
         let stream = async_stream::stream! {
-            // Dropped with the stream: detaches from the rooms, updates presence, frees the user's slot.
-            let mut leases = leases;
-            let mut presence = presence;
-            let control = live.control().clone();
-            let _live = live;
+            // `held` and the other captured values are used in place, never moved into locals: each
+            // such move would keep a second copy in the stream's state for its whole life.
+            let control = held.control().clone();
             // Rooms taken off by `AdminService.Unsubscribe` (canonical), and a disconnect's reason.
             let mut removed: HashSet<Arc<str>> = HashSet::new();
             let mut disconnected: Option<String> = None;
-            let _sink = sink;
-            let _permit = permit;
             let mut metrics = StreamGuard::open(Some(watched.clone()));
             let delivered = metrics::counter!(EVENTS_DELIVERED);
             yield Ok(subscribed);
@@ -186,15 +191,13 @@ impl EventApi {
                     match replay.next_page().await {
                         Ok(Page::Events(events)) => {
                             for event in events {
-                                if let Some(last) = position.get_mut(&room) {
-                                    last.clone_from(&event.id);
-                                }
+                                position.advance(&room, &event.id);
                                 yield Ok(aliases.frame(event));
                             }
                         }
                         Ok(Page::Reset(reason)) => {
                             // The history went while it was read: the room stands at its end.
-                            position.insert(room.clone(), last_event_id.clone());
+                            position.set(&room, &last_event_id);
                             yield Ok(SharedResponse::from_message(Kind::Reset(Reset { room: room.clone(), reason })));
                             break;
                         }
@@ -243,8 +246,7 @@ impl EventApi {
                             _ = control.changed() => {
                                 let (taken_off, ending) = control.take();
                                 for (room, reason) in taken_off {
-                                    leases.remove(&room);
-                                    presence.leave(&room).await;
+                                    held.leave(&room).await;
                                     newest.forget(&room);
                                     let name = aliases.name(&room).to_owned();
                                     position.remove(&name);
@@ -264,6 +266,7 @@ impl EventApi {
                                 }
                                 if now >= next_heartbeat {
                                     next_heartbeat = now + heartbeat_every;
+                                    inbox.release_idle();
                                     let time = Some(prost_types::Timestamp::from(SystemTime::now()));
                                     yield Ok(SharedResponse::from_message(Kind::Heartbeat(Heartbeat { time })));
                                 }
@@ -285,9 +288,7 @@ impl EventApi {
                         if !newest.advance(&event) {
                             continue;
                         }
-                        if let Some(last) = position.get_mut(aliases.name(&event.room)) {
-                            last.clone_from(&event.id);
-                        }
+                        position.advance(aliases.name(&event.room), &event.id);
                         uncounted += 1;
                         yield Ok(aliases.frame(event));
                     }
@@ -373,18 +374,17 @@ fn ending_of(ending: Ending, disconnected: &mut Option<String>) -> StreamEnd {
 
 /// The error a stream ends with: a disconnect names its reason and no resume map (the client must not
 /// come back); every other end names the resume map.
-fn stream_ended(
-    end: StreamEnd,
-    disconnected: Option<String>,
-    since: BTreeMap<String, String>,
-) -> ServiceError {
+fn stream_ended(end: StreamEnd, disconnected: Option<String>, since: Resume) -> ServiceError {
     match (end, disconnected) {
         (StreamEnd::Disconnected, reason) => ServiceError::Disconnected {
             reason: reason
                 .filter(|r| !r.is_empty())
                 .unwrap_or_else(|| "no reason given".into()),
         },
-        (reason, _) => ServiceError::StreamEnded { reason, since },
+        (reason, _) => ServiceError::StreamEnded {
+            reason,
+            since: since.into_map(),
+        },
     }
 }
 
@@ -406,20 +406,95 @@ struct StreamRoom {
     canonical: String,
 }
 
-/// Canonical room -> the name the client gave, for the rooms where they differ.
+/// What a stream holds until it ends, dropped with it: the attachments to its rooms (dropping one detaches
+/// the inbox from its room), its presence, its registration for membership commands, a sink of its own
+/// inbox and the user's stream slot.
+struct Held {
+    /// Per room (canonical), its attachment. A list: a stream has few rooms, and a map costs more.
+    leases: Vec<(String, Lease)>,
+    presence: PresenceGuard,
+    live: LiveTicket,
+    _sink: Sink,
+    _permit: StreamPermit,
+}
+
+impl Held {
+    /// What membership commands ask of this stream.
+    fn control(&self) -> &Arc<StreamControl> {
+        self.live.control()
+    }
+
+    /// The stream no longer carries `room` (canonical): detached, and no longer counted there.
+    async fn leave(&mut self, room: &str) {
+        self.leases.retain(|(r, _)| r != room);
+        self.presence.leave(room).await;
+    }
+}
+
+/// Per room (the client's name), the last event id it was sent: the resume map. Sorted by room, as the
+/// status names them; a list rather than a map (a B-tree node is 544 bytes, most streams have a few rooms).
+struct Resume(Vec<(String, String)>);
+
+impl Resume {
+    fn with_capacity(rooms: usize) -> Self {
+        Self(Vec::with_capacity(rooms))
+    }
+
+    /// `room` stands at `id` (it is added if missing).
+    fn set(&mut self, room: &str, id: &str) {
+        match self.0.binary_search_by(|(r, _)| r.as_str().cmp(room)) {
+            Ok(i) => {
+                let last = &mut self.0[i].1;
+                last.clear();
+                last.push_str(id);
+            }
+            Err(i) => self.0.insert(i, (room.to_owned(), id.to_owned())),
+        }
+    }
+
+    /// `room`, if the stream still carries it, was sent `id`. Reuses the id's buffer: no allocation per
+    /// event.
+    fn advance(&mut self, room: &str, id: &str) {
+        if let Ok(i) = self.0.binary_search_by(|(r, _)| r.as_str().cmp(room)) {
+            let last = &mut self.0[i].1;
+            last.clear();
+            last.push_str(id);
+        }
+    }
+
+    fn remove(&mut self, room: &str) {
+        if let Ok(i) = self.0.binary_search_by(|(r, _)| r.as_str().cmp(room)) {
+            self.0.remove(i);
+        }
+    }
+
+    fn into_map(self) -> BTreeMap<String, String> {
+        self.0.into_iter().collect()
+    }
+}
+
+/// Canonical room -> the name the client gave, for the rooms where they differ (only the `user:{sub}`
+/// shorthand, so at most one per stream: a list).
 #[derive(Default)]
-struct Aliases(HashMap<Arc<str>, String>);
+struct Aliases(Vec<(Arc<str>, String)>);
 
 impl Aliases {
     /// The client's name for a canonical room.
     fn name<'a>(&'a self, canonical: &'a str) -> &'a str {
-        self.0.get(canonical).map_or(canonical, String::as_str)
+        self.get(canonical).unwrap_or(canonical)
+    }
+
+    fn get(&self, canonical: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(c, _)| &**c == canonical)
+            .map(|(_, name)| name.as_str())
     }
 
     /// A stored event's frame, as this client must see it: shared as is, or re-encoded with the client's
     /// name for the room (only for the shorthand, so the fan-out path stays shared for every other room).
     fn frame(&self, event: Arc<StoredEvent>) -> SharedResponse {
-        match self.0.get(&*event.room) {
+        match self.get(&event.room) {
             None => SharedResponse::from_stored(event),
             Some(name) => event.frame.with_event_room(name),
         }
@@ -553,6 +628,26 @@ mod tests {
             ..Default::default()
         };
         Arc::new(StoredEvent::new(Position { major, minor }, room.into(), &e))
+    }
+
+    #[test]
+    fn the_resume_map_is_sorted_by_room_and_forgets_removed_rooms() {
+        let mut resume = Resume::with_capacity(3);
+        resume.set("tenant:t1", "e:1-0");
+        resume.set("user:u1", "e:2-0");
+        resume.set("tenant:t1:project:p1", "e:0-0");
+        resume.advance("tenant:t1", "e:3-0");
+        resume.advance("gone", "e:4-0");
+        resume.set("user:u1", "e:5-0");
+        resume.remove("tenant:t1:project:p1");
+        let map = resume.into_map();
+        assert_eq!(
+            map.into_iter().collect::<Vec<_>>(),
+            vec![
+                ("tenant:t1".to_owned(), "e:3-0".to_owned()),
+                ("user:u1".to_owned(), "e:5-0".to_owned()),
+            ]
+        );
     }
 
     #[test]
