@@ -574,22 +574,29 @@ class LamplightClient implements Lamplight {
         this.failed(h, new ConnectError("the server ended the stream without a status", Code.Unavailable));
       }
     } catch (err) {
-      if (h.stopped === "watchdog") {
-        this.counters.watchdogTimeouts += 1;
-        this.failed(
-          h,
-          new ConnectError(
-            `no message for ${this.watchdogMs} ms (heartbeats every ${this.heartbeatMs} ms): stream presumed dead`,
-            Code.DeadlineExceeded,
-          ),
-        );
-      } else if (this.isCurrent(h) && !h.stopped) {
+      if (this.isCurrent(h) && !h.stopped) {
         this.failed(h, ConnectError.from(err));
       }
     } finally {
       if (h.watchdog) clearTimeout(h.watchdog);
       h.watchdog = undefined;
     }
+  }
+
+  /**
+   * No message on `h` for too long: it is replaced at once, as after any transport failure. Done here, not
+   * when the aborted stream ends: on a silent connection the abort may end it quietly, or late.
+   */
+  private watchdogFired(h: StreamHandle): void {
+    this.stop(h, "watchdog");
+    this.counters.watchdogTimeouts += 1;
+    this.failed(
+      h,
+      new ConnectError(
+        `no message for ${this.watchdogMs} ms (heartbeats every ${this.heartbeatMs} ms): stream presumed dead`,
+        Code.DeadlineExceeded,
+      ),
+    );
   }
 
   private handle(h: StreamHandle, msg: SubscribeResponse): void {
@@ -817,7 +824,7 @@ class LamplightClient implements Lamplight {
   private armWatchdog(h: StreamHandle): void {
     if (h.watchdog) clearTimeout(h.watchdog);
     h.watchdog = setTimeout(() => {
-      if (this.isCurrent(h) && !h.stopped) this.stop(h, "watchdog");
+      if (this.isCurrent(h) && !h.stopped) this.watchdogFired(h);
     }, this.watchdogMs);
   }
 
