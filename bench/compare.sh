@@ -182,6 +182,9 @@ run() {
     --json-out "$OUT/$target/$name.jsonl" "$@" >/dev/null 2>>"$OUT/$target/$name.log" \
     || echo "  loadgen failed (see $OUT/$target/$name.log)" | tee -a "$OUT/progress.log"
   tail -n 1 "$OUT/$target/$name.log" | cut -c1-300 | tee -a "$OUT/progress.log"
+  # The peer's graceful shutdown disconnects every socket, and each disconnect broadcasts an offline
+  # status: after a storm that is N²/2 more messages (minutes); what was measured is done, so SIGKILL.
+  if [ "$target" = socketio ]; then kill -9 "$p1" 2>/dev/null || true; [ "$nodes" = 2 ] && { kill -9 "$p2" 2>/dev/null || true; }; fi
   stop_server "$p1"; [ "$nodes" = 2 ] && stop_server "$p2"
   sleep 2
 }
