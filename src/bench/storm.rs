@@ -402,18 +402,7 @@ pub(super) async fn run(
     let fields = storm.as_object_mut().context("storm report")?;
     fields.extend(json_map(check.json(converged)));
     fields.insert("storm_secs".into(), json!(round3(secs)));
-    fields.insert(
-        "status_events_received".into(),
-        json!(tally.status_events.swap(0, Relaxed)),
-    );
-    fields.insert(
-        "status_changes_received".into(),
-        json!(tally.status_changes.swap(0, Relaxed)),
-    );
-    fields.insert(
-        "watcher_diffs".into(),
-        json!(watcher.diffs.swap(0, Relaxed)),
-    );
+    take_status_counts(fields, tally, watcher);
     if !args.quiet || !check.ok {
         eprintln!(
             "Storm S={}: statuses {} after {}s ({} missing, {} extra{}); {} status events / {} changes received; server cpu {} s, peak rss {} MiB",
@@ -434,6 +423,27 @@ pub(super) async fn run(
         fields.insert("reconnect".into(), reconnect);
     }
     Ok(storm)
+}
+
+/// Moves the status counts since the last report (users' events and changes, the watcher's diffs) into
+/// `fields`, starting the next phase's counts at zero.
+fn take_status_counts(
+    fields: &mut serde_json::Map<String, Value>,
+    tally: &Tally,
+    watcher: &Watcher,
+) {
+    fields.insert(
+        "status_events_received".into(),
+        json!(tally.status_events.swap(0, Relaxed)),
+    );
+    fields.insert(
+        "status_changes_received".into(),
+        json!(tally.status_changes.swap(0, Relaxed)),
+    );
+    fields.insert(
+        "watcher_diffs".into(),
+        json!(watcher.diffs.swap(0, Relaxed)),
+    );
 }
 
 fn json_map(v: Value) -> serde_json::Map<String, Value> {
@@ -520,18 +530,7 @@ async fn reconnect(
     fields.insert("streams_ended".into(), json!(ended));
     fields.insert("streams_back".into(), json!(back));
     fields.insert("new_server_pids".into(), json!(pids));
-    fields.insert(
-        "status_events_received".into(),
-        json!(tally.status_events.swap(0, Relaxed)),
-    );
-    fields.insert(
-        "status_changes_received".into(),
-        json!(tally.status_changes.swap(0, Relaxed)),
-    );
-    fields.insert(
-        "watcher_diffs".into(),
-        json!(watcher.diffs.swap(0, Relaxed)),
-    );
+    take_status_counts(fields, tally, watcher);
     eprintln!(
         "Reconnect: {back}/{ended} streams back in {reconnect_secs:.2}s{}; statuses {} ({} missing, {} extra); server cpu {} s",
         if all_back { "" } else { " (NOT all)" },
