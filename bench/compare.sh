@@ -31,7 +31,8 @@
 #
 # What runs (loadgen arguments as in peers/README.md, so the peer's RESULTS.md figures are reproduced):
 #   fixed    fanout S=1000 R=10 and S=5000 R=50 at 500 events/s (50,000 deliveries/s), FIXED_T s
-#   sat      saturation search S=1000 R=10 and S=5000 R=50 (x1.25 ramp from START_RATE + 2 bisections)
+#   sat      saturation search S=1000 R=10 and S=5000 R=50 (x1.25 ramp from START_RATE + 2 bisections);
+#            SAT_SETS ["S1000-R10 S5000-R50"] picks which
 #   twonode  two servers on one Redis, S=2000 R=20: fixed at 500 events/s, and the saturation search
 #   idle     S=5000 and S=10000 idle subscribers in 4 rooms: server RSS per connection
 #   storm    connect storm (issue 12): STORM_SIZES users of ONE tenant connect at once. Every target through
@@ -66,6 +67,7 @@ else
   STORM_SIZES=${STORM_SIZES:-"9000 18000"}
 fi
 STORM_NODES=${STORM_NODES:-"1 2"}
+SAT_SETS=${SAT_SETS:-"S1000-R10 S5000-R50"}
 STORM_BENCH=${STORM_BENCH:-1}
 START_RATE=${START_RATE:-800}
 OUT=${OUT:-$REPO/target/bench-compare/$(date -u +%Y%m%dT%H%M%SZ)}
@@ -241,8 +243,8 @@ for rep in $(seq "$REPEATS"); do
         both 1 fanout-S5000-R50-E500 --mode fanout --subs 5000 --rooms 50 --rate 500 --duration "$FIXED_T" --warmup "$WARM"
         ;;
       sat)
-        both 1 sat-S1000-R10 $SAT --subs 1000 --rooms 10
-        both 1 sat-S5000-R50 $SAT --subs 5000 --rooms 50
+        case " $SAT_SETS " in *" S1000-R10 "*) both 1 sat-S1000-R10 $SAT --subs 1000 --rooms 10 ;; esac
+        case " $SAT_SETS " in *" S5000-R50 "*) both 1 sat-S5000-R50 $SAT --subs 5000 --rooms 50 ;; esac
         ;;
       twonode)
         both 2 twonode-S2000-R20-E500 --mode fanout --subs 2000 --rooms 20 --rate 500 --duration "$FIXED_T" --warmup "$WARM"
