@@ -414,3 +414,61 @@ async fn many_streams_joining_many_rooms_at_once() {
         assert_eq!(next_event(stream).await.id, id);
     }
 }
+
+/// The node's sockets to Redis, found among this process's file descriptors (the test servers run
+/// in-process), with whether each has `TCP_NODELAY`.
+fn redis_sockets_nodelay(redis_port: u16) -> Vec<bool> {
+    use std::os::fd::BorrowedFd;
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").expect("list /proc/self/fd") {
+        let Ok(entry) = entry else { continue };
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let is_socket = std::fs::read_link(entry.path())
+            .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
+        if !is_socket {
+            continue;
+        }
+        // SAFETY: the descriptor was open a moment ago and is only borrowed for two getsockopt calls; if a
+        // task closed it meanwhile they fail (or name another socket) and it is skipped or checked as well.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let sock = socket2::SockRef::from(&fd);
+        let to_redis = sock
+            .peer_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .is_some_and(|a| a.port() == redis_port);
+        if to_redis {
+            found.push(sock.tcp_nodelay().unwrap_or(false));
+        }
+    }
+    found
+}
+
+/// A node pipelines its concurrent publishes on one connection: with Nagle's algorithm (redis-rs's
+/// default) a command written while an earlier one is unacknowledged would wait for that ACK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_connection_to_redis_has_tcp_nodelay() {
+    let redis = RedisServer::start().await;
+    let a = node(&redis).await;
+    let mut subscriber = a.client(&user_token("u1")).await;
+    let (mut stream, _) = subscribe(&mut subscriber, &[ROOM], &[]).await.unwrap();
+    let mut publisher = a.client(&publisher_token()).await;
+    publish(&mut publisher, ROOM, 1, "").await.unwrap();
+    next_event(&mut stream).await;
+    let sockets = redis_sockets_nodelay(redis.port);
+    assert!(
+        sockets.len() >= 2,
+        "expected the node's command and pub/sub connections to Redis, found {}",
+        sockets.len()
+    );
+    assert!(
+        sockets.iter().all(|&nodelay| nodelay),
+        "connections to Redis without TCP_NODELAY: {sockets:?}"
+    );
+}

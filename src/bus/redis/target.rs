@@ -162,6 +162,7 @@ impl Target {
 
     /// The client for one server, with this target's certificates.
     pub(super) fn client(&self, info: redis::ConnectionInfo) -> Result<redis::Client, RedisError> {
+        let info = info.set_tcp_settings(tcp_settings());
         match &self.certs {
             Some(certs) => redis::Client::build_with_tls(info, certs.clone()),
             None => redis::Client::open(info),
@@ -170,7 +171,7 @@ impl Target {
 
     /// A cluster client builder for the seeds, with this target's certificates.
     pub(super) fn cluster_builder(&self, urls: &[String]) -> ClusterClientBuilder {
-        let builder = ClusterClientBuilder::new(urls.to_vec());
+        let builder = ClusterClientBuilder::new(urls.to_vec()).tcp_settings(tcp_settings());
         match &self.certs {
             Some(certs) => builder.certs(certs.clone()),
             None => builder,
@@ -190,6 +191,13 @@ impl std::fmt::Debug for Target {
             .field("certs", &self.certs)
             .finish()
     }
+}
+
+/// Every Redis connection's socket options: `TCP_NODELAY`, which redis-rs leaves off. With Nagle's
+/// algorithm a command written while an earlier one is still unacknowledged waits for that ACK, and the
+/// multiplexed connection pipelines the node's concurrent publishes.
+fn tcp_settings() -> redis::io::tcp::TcpSettings {
+    redis::io::tcp::TcpSettings::default().set_nodelay(true)
 }
 
 fn is_tls_url(url: &str) -> bool {
