@@ -72,6 +72,21 @@ fn bad_reply(what: &str, detail: impl std::fmt::Display) -> redis::RedisError {
     ))
 }
 
+/// The room arguments `lamplight_emit` (`lua/common.lua`) reads, appended in the order every script that
+/// emits passes them on (its `ARGV[3]` to `ARGV[7]`): history size, idle ttl, a fresh epoch in case the
+/// room has none, the pub/sub channel, sharded or not.
+fn emit_args<'a, 'b>(
+    call: &'a mut redis::ScriptInvocation<'b>,
+    settings: RoomSettings,
+    channel: &str,
+) -> &'a mut redis::ScriptInvocation<'b> {
+    call.arg(settings.history_size)
+        .arg(settings.ttl_ms)
+        .arg(random_token(EPOCH_LEN))
+        .arg(channel)
+        .arg(if settings.sharded { "1" } else { "0" })
+}
+
 fn stream_id(what: &str, s: &str) -> Result<StreamId, redis::RedisError> {
     StreamId::parse(s).ok_or_else(|| bad_reply(what, format!("not a stream id: {s:?}")))
 }
@@ -92,17 +107,13 @@ pub(crate) async fn publish(
         // The script never reads KEYS[3] then; a key of the room's slot keeps the call single-slot.
         None => (keys.meta.clone(), 0),
     };
-    let (id, duplicate): (String, i64) = PUBLISH
-        .key(&keys.stream)
+    let mut call = PUBLISH.prepare_invoke();
+    call.key(&keys.stream)
         .key(&keys.meta)
         .key(&idem_key)
         .arg(payload)
-        .arg(if ephemeral { "1" } else { "0" })
-        .arg(settings.history_size)
-        .arg(settings.ttl_ms)
-        .arg(random_token(EPOCH_LEN))
-        .arg(&keys.channel)
-        .arg(if settings.sharded { "1" } else { "0" })
+        .arg(if ephemeral { "1" } else { "0" });
+    let (id, duplicate): (String, i64) = emit_args(&mut call, settings, &keys.channel)
         .arg(idem_ttl)
         .invoke_async(conn)
         .await?;
@@ -349,21 +360,17 @@ pub(crate) async fn settle(
     let tenant_room = Room::tenant_room(tenant);
     let keys = TenantKeys::new(&tenant_room);
     let room = RoomKeys::new(&tenant_room);
+    let mut call = SETTLE.prepare_invoke();
+    call.key(&keys.dirty)
+        .key(&keys.online)
+        .key(&keys.told)
+        .key(&room.stream)
+        .key(&room.meta)
+        .key(&keys.next_settle)
+        .arg(head)
+        .arg(max.max(1));
     let (taken, published, remaining, told_online, wait_ms): (usize, usize, usize, usize, u64) =
-        SETTLE
-            .key(&keys.dirty)
-            .key(&keys.online)
-            .key(&keys.told)
-            .key(&room.stream)
-            .key(&room.meta)
-            .key(&keys.next_settle)
-            .arg(head)
-            .arg(max.max(1))
-            .arg(settings.history_size)
-            .arg(settings.ttl_ms)
-            .arg(random_token(EPOCH_LEN))
-            .arg(&room.channel)
-            .arg(if settings.sharded { "1" } else { "0" })
+        emit_args(&mut call, settings, &room.channel)
             .arg(told_ttl_ms)
             .arg(statuses.window.as_millis() as u64)
             .arg(statuses.deliveries_per_sec)
